@@ -1,0 +1,3 @@
+from utils.registry import Registry
+
+ENCODINGS = Registry("encoding")

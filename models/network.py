@@ -1,0 +1,160 @@
+"""The networks of a NeuS model: SDF (geometry), colour (texture) and variance."""
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from encoder import get_encoding
+
+
+def make_mlp(
+    dims: List[int], activation: nn.Module, use_weight_norm: bool, output_activation: Optional[nn.Module] = None
+) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        linear = nn.Linear(d_in, d_out)
+        layers.append(linear)
+        if i < len(dims) - 2:
+            layers.append(activation)
+    if output_activation is not None:
+        layers.append(output_activation)
+    if use_weight_norm:
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                weight_norm(layer)
+    return nn.Sequential(*layers)
+
+
+def sphere_init_(mlp_layers: List[nn.Linear], n_xyz_inputs: int, radius: float) -> None:
+    """Geometric initialisation (Atzmon & Lipman, SAL; as in IDR/NeuS): the network starts as
+    sdf(x) ~= |x| - radius. The first layer sees only the xyz inputs (encoding weights zero).
+    Call before weight norm is applied."""
+    first, last = mlp_layers[0], mlp_layers[-1]
+    for layer in mlp_layers[:-1]:
+        nn.init.constant_(layer.bias, 0.0)
+        nn.init.normal_(layer.weight, 0.0, math.sqrt(2) / math.sqrt(layer.out_features))
+    nn.init.constant_(first.weight[:, n_xyz_inputs:], 0.0)
+    nn.init.normal_(last.weight, mean=math.sqrt(math.pi) / math.sqrt(last.in_features), std=1e-4)
+    nn.init.constant_(last.bias, -radius)
+
+
+class SDFNetwork(nn.Module):
+    """x -> (sdf, feature) via hash grid (+ xyz) and an MLP with Softplus(beta=100);
+    normals by autograd (analytic) or central finite differences."""
+
+    @dataclass
+    class Config:
+        xyz_encoding: Any = field(default_factory=lambda: {"otype": "HashGrid"})
+        include_xyz: bool = True
+        n_neurons: int = 64
+        n_hidden_layers: int = 1
+        feature_dim: int = 13
+        sphere_init_radius: float = 0.5
+        weight_norm: bool = True
+        softplus_beta: float = 100.0
+        grad_type: str = "analytic"  # analytic | finite_difference
+        finite_difference_eps: float = 1e-3  # in normalised units (the scene lies in the unit sphere)
+
+    def __init__(self, config: "SDFNetwork.Config", radius: float, device: str = "cpu"):
+        super().__init__()
+        if config.grad_type not in ("analytic", "finite_difference"):
+            raise ValueError(f"grad_type must be analytic or finite_difference, got '{config.grad_type}'")
+        self.config = config
+        self.radius = radius
+        self.encoding = get_encoding(config.xyz_encoding, 3, device)
+        n_xyz = 3 if config.include_xyz else 0
+        dims = [n_xyz + self.encoding.n_output_dims] + [config.n_neurons] * config.n_hidden_layers
+        dims.append(1 + config.feature_dim)
+        self.mlp = make_mlp(dims, nn.Softplus(beta=config.softplus_beta), use_weight_norm=False)
+        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        sphere_init_(linears, n_xyz, config.sphere_init_radius)
+        if config.weight_norm:
+            for layer in linears:
+                weight_norm(layer)
+
+    def update_step(self, global_step: int) -> None:
+        if hasattr(self.encoding, "update_step"):
+            self.encoding.update_step(global_step)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, 3] normalised frame -> sdf [N], feature [N, feature_dim]"""
+        x01 = (x / self.radius + 1.0) * 0.5  # [N, 3] in [0, 1] over the grid's box
+        h = self.encoding(x01)  # [N, E]
+        if self.config.include_xyz:
+            h = torch.cat([x, h], dim=-1)
+        out = self.mlp(h)  # [N, 1 + feature_dim]
+        return out[:, 0], out[:, 1:]
+
+    def sdf(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)[0]
+
+    def forward_with_grad(
+        self, x: torch.Tensor, create_graph: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [N, 3] -> sdf [N], feature [N, F], grad [N, 3] (d sdf / d x, unnormalised).
+
+        With create_graph the gradient stays differentiable in the parameters (eikonal loss,
+        colour through normals)."""
+        if self.config.grad_type == "finite_difference":
+            sdf, feature = self.forward(x)
+            return sdf, feature, self._finite_difference_grad(x)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            sdf, feature = self.forward(x)
+            (grad,) = torch.autograd.grad(sdf, x, torch.ones_like(sdf), create_graph=create_graph)
+        if not create_graph:
+            sdf, feature = sdf.detach(), feature.detach()
+        return sdf, feature, grad
+
+    def _finite_difference_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """grad_d = (sdf(x + eps e_d) - sdf(x - eps e_d)) / (2 eps).  x: [N, 3] -> [N, 3]"""
+        eps = self.config.finite_difference_eps
+        offsets = torch.cat([torch.eye(3, device=x.device), -torch.eye(3, device=x.device)]) * eps  # [6, 3]
+        shifted = (x[None, :, :] + offsets[:, None, :]).reshape(-1, 3)  # [6N, 3]
+        sdf = self.sdf(shifted).view(6, -1)  # [6, N]
+        return ((sdf[:3] - sdf[3:]) / (2 * eps)).T  # [N, 3]
+
+
+class ColorNetwork(nn.Module):
+    """(feature, SH(view direction), normal) -> sigmoid RGB."""
+
+    @dataclass
+    class Config:
+        dir_encoding: Any = field(default_factory=lambda: {"otype": "SphericalHarmonics", "degree": 4})
+        n_neurons: int = 64
+        n_hidden_layers: int = 2
+
+    def __init__(self, config: "ColorNetwork.Config", feature_dim: int, device: str = "cpu"):
+        super().__init__()
+        self.dir_encoding = get_encoding(config.dir_encoding, 3, device)
+        dims = [feature_dim + self.dir_encoding.n_output_dims + 3]
+        dims += [config.n_neurons] * config.n_hidden_layers + [3]
+        self.mlp = make_mlp(dims, nn.ReLU(inplace=True), use_weight_norm=True, output_activation=nn.Sigmoid())
+
+    def forward(self, feature: torch.Tensor, dirs: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+        """feature [N, F], dirs [N, 3] unit, normal [N, 3] unit -> rgb [N, 3] in (0, 1)"""
+        return self.mlp(torch.cat([feature, self.dir_encoding(dirs), normal], dim=-1))
+
+
+class VarianceNetwork(nn.Module):
+    """The learned sharpness of NeuS: inv_s = exp(10 * variance), clamped to [1e-6, 1e6]."""
+
+    @dataclass
+    class Config:
+        init_val: float = 0.3
+
+    def __init__(self, config: "VarianceNetwork.Config"):
+        super().__init__()
+        self.variance = nn.Parameter(torch.tensor(config.init_val))
+
+    def inv_s(self) -> torch.Tensor:
+        return torch.exp(self.variance * 10.0).clamp(1e-6, 1e6)  # []
+
+
+def normalize(v: torch.Tensor) -> torch.Tensor:
+    return F.normalize(v, dim=-1, eps=1e-12)
+

@@ -1,0 +1,125 @@
+"""NeuS: an SDF, a colour field and a learned sharpness, rendered with occupancy-grid sampling."""
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from encoder import parse_encoding_config
+from models.network import ColorNetwork, SDFNetwork, VarianceNetwork, normalize
+from models.occupancy import OccupancyGrid
+from models.registry import MODELS
+from models.rendering import accumulate_along_rays, composite_background, neus_alpha, render_weights_from_alpha
+from utils.config import Configurable, parse_structured
+
+
+def chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]) if x.shape[0] else fn(x)
+
+
+@MODELS.register("neus")
+class NeuSModel(Configurable, nn.Module):
+    @dataclass
+    class Config:
+        name: str = "neus"
+        radius: float = 1.0  # the scene (normalised frame) lies in [-radius, radius]^3
+        render_step_size: float = 0.0034  # ray-marching step, normalised units
+        cos_anneal_steps: int = 0  # steps over which NeuS anneals cos (0: true cos from the start)
+        occupancy_chunk: int = 65536  # points per SDF evaluation when updating the grid
+        geometry: SDFNetwork.Config = field(default_factory=SDFNetwork.Config)
+        texture: ColorNetwork.Config = field(default_factory=ColorNetwork.Config)
+        variance: VarianceNetwork.Config = field(default_factory=VarianceNetwork.Config)
+        sampler: OccupancyGrid.Config = field(default_factory=OccupancyGrid.Config)
+
+    @classmethod
+    def parse_config(cls, raw: Any, path: str) -> DictConfig:
+        config = parse_structured(cls.Config, raw, path)
+        config.geometry.xyz_encoding = parse_encoding_config(
+            config.geometry.xyz_encoding, f"{path}.geometry.xyz_encoding"
+        )
+        config.texture.dir_encoding = parse_encoding_config(
+            config.texture.dir_encoding, f"{path}.texture.dir_encoding"
+        )
+        return config
+
+    def __init__(self, config: "NeuSModel.Config", device: str = "cpu"):
+        super().__init__()
+        self.config = config
+        self.geometry = SDFNetwork(config.geometry, config.radius, device)
+        self.texture = ColorNetwork(config.texture, config.geometry.feature_dim, device)
+        self.variance = VarianceNetwork(config.variance)
+        self.occupancy = OccupancyGrid(config.sampler, config.radius, device)
+        self.cos_anneal_ratio = 1.0
+
+    def parameter_groups(self) -> Dict[str, list]:
+        return {
+            "geometry": list(self.geometry.parameters()),
+            "texture": list(self.texture.parameters()),
+            "variance": list(self.variance.parameters()),
+        }
+
+    def update_step(self, global_step: int) -> None:
+        """Schedules that follow the step: cos annealing, hash-grid levels, occupancy grid."""
+        steps = self.config.cos_anneal_steps
+        self.cos_anneal_ratio = 1.0 if steps <= 0 else min(1.0, global_step / steps)
+        self.geometry.update_step(global_step)
+        if self.training:
+            self.occupancy.update(global_step, self.occupancy_alpha)
+
+    @torch.no_grad()
+    def occupancy_alpha(self, x: torch.Tensor) -> torch.Tensor:
+        """NeuS alpha of one marching step taken head-on at x: [N, 3] -> [N]"""
+        sdf = chunked(self.geometry.sdf, x, self.config.occupancy_chunk)  # [N]
+        head_on = torch.full_like(sdf, -1.0)
+        return neus_alpha(sdf, head_on, torch.full_like(sdf, self.config.render_step_size), self.variance.inv_s())
+
+    @torch.no_grad()
+    def surface_colors(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Colour of surface points seen head-on (view direction = -normal): x [N, 3] -> [N, 3].
+        With occupancy sampling the colour field is not smeared off the surface, so this is
+        the colour the renders show (see the seed's note on mesh colours)."""
+
+        def colour(points):
+            _, feature, grad = self.geometry.forward_with_grad(points, create_graph=False)
+            normal = normalize(grad)
+            return self.texture(feature, -normal, normal)
+
+        return chunked(colour, x, chunk)
+
+    def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, background: torch.Tensor) -> Dict[str, Any]:
+        """Render rays. rays_o, rays_d: [n_rays, 3] (unit directions, normalised frame);
+        background: [n_rays, 3] or [1, 3]. Returns rgb [n_rays, 3], opacity [n_rays],
+        depth [n_rays], normal [n_rays, 3], sdf [n_samples], sdf_grad [n_samples, 3],
+        n_samples (int), inv_s []."""
+        n_rays = rays_o.shape[0]
+        inv_s = self.variance.inv_s()
+
+        def visibility_alpha(t_starts, t_ends, ray_indices):  # gradient-free, head-on alpha
+            x = rays_o[ray_indices] + 0.5 * (t_starts + t_ends)[:, None] * rays_d[ray_indices]
+            sdf = self.geometry.sdf(x)
+            return neus_alpha(sdf, torch.full_like(sdf, -1.0), t_ends - t_starts, inv_s.detach())
+
+        ray_indices, t_starts, t_ends = self.occupancy.sample(
+            rays_o, rays_d, self.config.render_step_size, stratified=self.training, alpha_fn=visibility_alpha
+        )
+        t_mid = 0.5 * (t_starts + t_ends)  # [n_samples]
+        dirs = rays_d[ray_indices]  # [n_samples, 3]
+        x = rays_o[ray_indices] + t_mid[:, None] * dirs  # [n_samples, 3]
+        sdf, feature, grad = self.geometry.forward_with_grad(x, create_graph=self.training)
+        normal = normalize(grad)  # [n_samples, 3]
+        rgb = self.texture(feature, dirs, normal)  # [n_samples, 3]
+        alpha = neus_alpha(sdf, (dirs * grad).sum(-1), t_ends - t_starts, inv_s, self.cos_anneal_ratio)
+        weights, _ = render_weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
+        opacity = accumulate_along_rays(weights, ray_indices, n_rays)  # [n_rays, 1]
+        comp_rgb = accumulate_along_rays(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
+        return {
+            "rgb": composite_background(comp_rgb, opacity, background),
+            "opacity": opacity[:, 0],
+            "depth": accumulate_along_rays(weights, ray_indices, n_rays, t_mid[:, None])[:, 0],
+            "normal": accumulate_along_rays(weights, ray_indices, n_rays, normal),
+            "sdf": sdf,
+            "sdf_grad": grad,
+            "n_samples": int(ray_indices.numel()),
+            "inv_s": inv_s,
+        }

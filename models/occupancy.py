@@ -1,0 +1,160 @@
+"""Occupancy grid over [-radius, radius]^3 and fixed-step ray marching through it.
+
+The grid's state and its periodic EMA update are nerfacc's `OccGridEstimator` on every
+device (pure torch, it runs on CPU). Marching is nerfacc's CUDA `sampling` on CUDA with
+`backend: nerfacc`, and otherwise `march_rays`, the torch twin written here: samples at
+t = near + k * step whose midpoint falls in an occupied cell, returned packed.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import nerfacc
+import torch
+from torch import nn
+
+from models.rendering import visible_samples
+from utils.config import Configurable
+
+log = logging.getLogger(__name__)
+
+
+def ray_aabb_intersect(
+    rays_o: torch.Tensor, rays_d: torch.Tensor, aabb: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slab test. rays_o, rays_d: [n_rays, 3]; aabb: [6] (min xyz, max xyz)
+    -> t_near [n_rays] (>= 0), t_far [n_rays], hit [n_rays] bool
+    """
+    inv_d = 1.0 / torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)  # [n_rays, 3]
+    t0 = (aabb[:3] - rays_o) * inv_d
+    t1 = (aabb[3:] - rays_o) * inv_d
+    t_near = torch.minimum(t0, t1).amax(-1).clamp(min=0.0)  # [n_rays]
+    t_far = torch.maximum(t0, t1).amin(-1)  # [n_rays]
+    return t_near, t_far, t_far > t_near
+
+
+def march_rays(
+    rays_o: torch.Tensor,
+    rays_d: torch.Tensor,
+    t_near: torch.Tensor,
+    t_far: torch.Tensor,
+    binaries: torch.Tensor,
+    aabb: torch.Tensor,
+    step_size: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed-step samples [near + k step, near + (k+1) step] inside [near, far] whose midpoint
+    lies in an occupied cell of `binaries` (torch twin of nerfacc's traverse_grids, one level).
+
+    rays_o, rays_d: [n_rays, 3]; t_near, t_far: [n_rays]; binaries: [res, res, res] bool over aabb [6]
+    -> ray_indices [n_samples] int64 (sorted), t_starts [n_samples], t_ends [n_samples]
+    """
+    device = rays_o.device
+    span = (t_far - t_near).clamp(min=0.0)  # [n_rays]
+    n_steps = int(torch.ceil(span.max() / step_size).item()) if span.numel() else 0
+    if n_steps == 0:
+        empty = torch.zeros(0, device=device)
+        return torch.zeros(0, dtype=torch.long, device=device), empty, empty
+    res = torch.tensor(binaries.shape, device=device)  # [3]
+    t_starts = t_near[:, None] + step_size * torch.arange(n_steps, device=device)  # [n_rays, K]
+    inside = t_starts + step_size <= t_far[:, None]  # [n_rays, K]
+    t_mid = t_starts + 0.5 * step_size
+    cell = (rays_o[:, None, :] + t_mid[..., None] * rays_d[:, None, :] - aabb[:3]) / (aabb[3:] - aabb[:3])
+    cell = (cell * res).long()  # [n_rays, K, 3]
+    in_grid = ((cell >= 0) & (cell < res)).all(-1)  # [n_rays, K]
+    cell = torch.minimum(cell.clamp(min=0), res - 1)
+    flat = (cell[..., 0] * res[1] + cell[..., 1]) * res[2] + cell[..., 2]  # [n_rays, K]
+    keep = inside & in_grid & binaries.reshape(-1)[flat]  # [n_rays, K]
+    ray_indices, step_indices = torch.nonzero(keep, as_tuple=True)  # sorted by ray
+    t0 = t_starts[ray_indices, step_indices]  # [n_samples]
+    return ray_indices, t0, t0 + step_size
+
+
+class OccupancyGrid(Configurable, nn.Module):
+    """Which cells of [-radius, radius]^3 hold surface, and sampling of rays through them."""
+
+    @dataclass
+    class Config:
+        resolution: int = 128
+        update_every: int = 16  # steps between grid updates
+        ema_decay: float = 0.95
+        warmup_steps: int = 256  # every cell is re-evaluated during warm-up; then 1/4 + occupied
+        occ_threshold: float = 0.001  # a cell is occupied when its alpha (EMA) exceeds this
+        # skip samples behind the surface: transmittance (from a gradient-free alpha) below this
+        early_stop_eps: float = 1e-4
+        backend: str = "auto"  # auto | torch | nerfacc (CUDA)
+
+    def __init__(self, config: "OccupancyGrid.Config", radius: float, device: str = "cpu"):
+        super().__init__()
+        self.config = config
+        self.backend = choose_occupancy_backend(config.backend, torch.device(device))
+        log.info("occupancy grid sampling backend: %s", self.backend)
+        aabb = [-radius] * 3 + [radius] * 3
+        self.register_buffer("aabb", torch.tensor(aabb, dtype=torch.float32), persistent=False)
+        self.estimator = nerfacc.OccGridEstimator(roi_aabb=aabb, resolution=config.resolution, levels=1)
+
+    @property
+    def binaries(self) -> torch.Tensor:
+        return self.estimator.binaries[0]  # [res, res, res] bool
+
+    def update(self, step: int, occupancy_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Every `update_every` steps: occ = max(ema_decay * occ, occupancy_fn(x)) at sampled cells."""
+        c = self.config
+        self.estimator.update_every_n_steps(
+            step=step,
+            occ_eval_fn=occupancy_fn,
+            occ_thre=c.occ_threshold,
+            ema_decay=c.ema_decay,
+            warmup_steps=c.warmup_steps,
+            n=c.update_every,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        step_size: float,
+        stratified: bool,
+        alpha_fn: Optional[Callable] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed samples of the rays inside occupied cells; with `alpha_fn(t_starts, t_ends,
+        ray_indices)`, samples hidden behind the surface (transmittance < early_stop_eps) are
+        dropped. rays_o, rays_d: [n_rays, 3] -> ray_indices, t_starts, t_ends: [n_samples]
+        """
+        t_near, t_far, _ = ray_aabb_intersect(rays_o, rays_d, self.aabb)
+        if self.backend == "nerfacc":
+            return self.estimator.sampling(
+                rays_o,
+                rays_d,
+                alpha_fn=alpha_fn,
+                t_min=t_near,
+                t_max=t_far,
+                render_step_size=step_size,
+                early_stop_eps=self.config.early_stop_eps,
+                stratified=stratified,
+            )
+        if stratified:
+            t_near = t_near + torch.rand_like(t_near) * step_size
+        ray_indices, t_starts, t_ends = march_rays(
+            rays_o, rays_d, t_near, t_far, self.binaries, self.aabb, step_size
+        )
+        if alpha_fn is not None and self.config.early_stop_eps > 0 and ray_indices.numel() > 0:
+            alphas = alpha_fn(t_starts, t_ends, ray_indices)  # [n_samples]
+            keep = visible_samples(alphas, ray_indices, rays_o.shape[0], self.config.early_stop_eps, 0.0)
+            ray_indices, t_starts, t_ends = ray_indices[keep], t_starts[keep], t_ends[keep]
+        return ray_indices, t_starts, t_ends
+
+
+def choose_occupancy_backend(requested: str, device: torch.device) -> str:
+    if requested == "torch":
+        return "torch"
+    if requested == "nerfacc":
+        if device.type != "cuda":
+            raise RuntimeError(
+                "occupancy backend 'nerfacc' samples with CUDA kernels and needs a CUDA device; "
+                "set model.sampler.backend: torch (or auto) to march rays in plain torch"
+            )
+        return "nerfacc"
+    if requested == "auto":
+        return "nerfacc" if device.type == "cuda" else "torch"
+    raise ValueError(f"occupancy backend must be auto, torch or nerfacc, got '{requested}'")

@@ -1,0 +1,3 @@
+from utils.registry import Registry
+
+MODELS = Registry("model")

@@ -1,0 +1,104 @@
+"""Volume rendering maths as pure functions over PACKED samples.
+
+Samples of all rays live in one flat array sorted by ray: `ray_indices [n_samples]` says
+which ray each sample belongs to, `t_starts / t_ends [n_samples]` bound it along the ray.
+Empty space costs nothing. These are the plain-torch versions of nerfacc's packed ops and
+run on every device; nerfacc's CUDA kernels are the fast path on GPU.
+"""
+from typing import Tuple
+
+import torch
+
+
+def neus_alpha(
+    sdf: torch.Tensor,
+    cos: torch.Tensor,
+    dists: torch.Tensor,
+    inv_s: torch.Tensor,
+    cos_anneal_ratio: float = 1.0,
+) -> torch.Tensor:
+    """Discrete NeuS opacity of a sample (Wang et al. 2021, eq. 13).
+
+    The sdf at the interval ends is estimated from the midpoint sdf and the slope along the
+    ray, iter_cos = -(relu(-cos/2 + 1/2) (1 - r) + relu(-cos) r) (annealed from a
+    direction-free slope to the true one as r goes 0 -> 1):
+        sdf_prev = sdf - iter_cos * dist / 2,   sdf_next = sdf + iter_cos * dist / 2
+        alpha = clip((Phi_s(sdf_prev) - Phi_s(sdf_next) + 1e-5) / (Phi_s(sdf_prev) + 1e-5), 0, 1)
+    with Phi_s(x) = sigmoid(inv_s * x). `cos` is d . grad(sdf) (grad unnormalised, as NeuS).
+    A head-on ray through a cell is cos = -1, r = 1: the occupancy of the cell.
+
+    sdf, cos, dists: [n_samples]; inv_s: [] or [n_samples] -> alpha [n_samples]
+    """
+    iter_cos = -(
+        torch.relu(-cos * 0.5 + 0.5) * (1.0 - cos_anneal_ratio) + torch.relu(-cos) * cos_anneal_ratio
+    )  # [n_samples], <= 0
+    sdf_prev = sdf - iter_cos * dists * 0.5
+    sdf_next = sdf + iter_cos * dists * 0.5
+    cdf_prev = torch.sigmoid(sdf_prev * inv_s)
+    cdf_next = torch.sigmoid(sdf_next * inv_s)
+    return ((cdf_prev - cdf_next + 1e-5) / (cdf_prev + 1e-5)).clamp(0.0, 1.0)  # [n_samples]
+
+
+def segment_starts(ray_indices: torch.Tensor, n_rays: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First sample index and sample count of every ray.
+
+    ray_indices: [n_samples] sorted -> starts [n_rays], counts [n_rays] (int64)
+    """
+    counts = torch.bincount(ray_indices, minlength=n_rays)  # [n_rays]
+    starts = torch.cumsum(counts, 0) - counts  # [n_rays]
+    return starts, counts
+
+
+def exclusive_transmittance(alphas: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """T_i = prod_{j < i, same ray} (1 - alpha_j), per ray (nerfacc's packed exclusive_prod).
+
+    Computed as exp of a segmented exclusive cumsum of log(1 - alpha) in float64 (so that
+    subtracting the running sum at the start of each ray loses nothing).
+    alphas, ray_indices: [n_samples] (sorted by ray) -> [n_samples]
+    """
+    if alphas.numel() == 0:
+        return alphas.clone()
+    log_keep = torch.log(torch.clamp(1.0 - alphas.double(), min=1e-15))  # [n_samples]
+    inclusive = torch.cumsum(log_keep, 0)  # [n_samples]
+    exclusive = inclusive - log_keep
+    starts, _ = segment_starts(ray_indices, n_rays)
+    ray_base = exclusive[starts[ray_indices]]  # [n_samples] running sum where each ray begins
+    return torch.exp(exclusive - ray_base).to(alphas.dtype)
+
+
+def render_weights_from_alpha(
+    alphas: torch.Tensor, ray_indices: torch.Tensor, n_rays: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """w_i = T_i alpha_i (nerfacc's render_weight_from_alpha, packed).
+
+    alphas, ray_indices: [n_samples] -> weights [n_samples], transmittance [n_samples]
+    """
+    trans = exclusive_transmittance(alphas, ray_indices, n_rays)
+    return trans * alphas, trans
+
+
+def accumulate_along_rays(
+    weights: torch.Tensor, ray_indices: torch.Tensor, n_rays: int, values: torch.Tensor = None
+) -> torch.Tensor:
+    """sum_i w_i v_i per ray (or sum_i w_i when values is None).
+
+    weights, ray_indices: [n_samples]; values: [n_samples, C] -> [n_rays, C] (or [n_rays, 1])
+    """
+    src = weights[:, None] if values is None else weights[:, None] * values  # [n_samples, C]
+    out = torch.zeros(n_rays, src.shape[1], dtype=src.dtype, device=src.device)
+    return out.index_add(0, ray_indices, src)  # [n_rays, C]
+
+
+def visible_samples(
+    alphas: torch.Tensor, ray_indices: torch.Tensor, n_rays: int, early_stop_eps: float, alpha_thre: float
+) -> torch.Tensor:
+    """Samples worth rendering: transmittance above early_stop_eps and alpha above alpha_thre
+    (nerfacc's render_visibility_from_alpha). alphas, ray_indices: [n_samples] -> bool [n_samples]
+    """
+    trans = exclusive_transmittance(alphas, ray_indices, n_rays)  # [n_samples]
+    return (trans > early_stop_eps) & (alphas > alpha_thre)
+
+
+def composite_background(rgb: torch.Tensor, opacity: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """C = C_fg + (1 - opacity) C_bg.  rgb [n_rays, 3], opacity [n_rays, 1], background [n_rays or 1, 3]"""
+    return rgb + (1.0 - opacity) * background

@@ -1,0 +1,3 @@
+from utils.registry import Registry
+
+DATASETS = Registry("dataset")

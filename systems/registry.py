@@ -1,0 +1,3 @@
+from utils.registry import Registry
+
+SYSTEMS = Registry("system")

@@ -1,0 +1,162 @@
+"""Explicit surfaces from an SDF: marching cubes (PyMCubes), clean-up, world frame, export."""
+import logging
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import cv2
+import mcubes
+import numpy as np
+import torch
+import trimesh
+
+from utils.camera import project
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sdf_on_grid(
+    sdf_fn: Callable[[torch.Tensor], torch.Tensor],
+    bounds: np.ndarray,
+    resolution: int,
+    chunk: int,
+    device,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """SDF sampled on a regular grid over bounds [2, 3] (min, max) with `resolution` points on
+    the longest side and cubic voxels -> values [nx, ny, nz], voxel size [3]"""
+    extent = bounds[1] - bounds[0]
+    voxel = extent.max() / (resolution - 1)
+    counts = np.maximum(np.ceil(extent / voxel).astype(int) + 1, 2)
+    axes = [torch.linspace(0, (n - 1) * voxel, n, device=device) + float(lo) for n, lo in zip(counts, bounds[0])]
+    values = np.empty(counts, dtype=np.float32)
+    # one x-slab of the grid at a time keeps memory at chunk points
+    yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)  # [ny*nz, 2]
+    for i, x in enumerate(axes[0]):
+        pts = torch.cat([torch.full_like(yz[:, :1], float(x)), yz], dim=-1)  # [ny*nz, 3]
+        slab = torch.cat([sdf_fn(pts[j : j + chunk]) for j in range(0, pts.shape[0], chunk)])
+        values[i] = slab.view(counts[1], counts[2]).float().cpu().numpy()
+    return values, np.full(3, voxel)
+
+
+def marching_cubes(values: np.ndarray, origin: np.ndarray, voxel: np.ndarray, level: float):
+    """Iso-surface {sdf = level} of grid values (negative inside) -> vertices [V, 3] in the
+    grid's frame, faces [F, 3] wound so that normals point outwards (towards sdf > level)."""
+    vertices, faces = mcubes.marching_cubes(-values, -level)
+    return vertices * voxel + origin, faces.astype(np.int64)
+
+
+def extract_surface(
+    sdf_fn: Callable[[torch.Tensor], torch.Tensor],
+    radius: float,
+    resolution: int,
+    level: float,
+    chunk: int,
+    device,
+    coarse_resolution: int = 128,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Coarse marching cubes over [-radius, radius]^3, then a fine pass at `resolution` over
+    the coarse surface's bounding box (plus two coarse voxels). Normalised frame."""
+    box = np.array([[-radius] * 3, [radius] * 3], dtype=np.float64)
+    values, voxel = sdf_on_grid(sdf_fn, box, min(coarse_resolution, resolution), chunk, device)
+    vertices, _ = marching_cubes(values, box[0], voxel, level)
+    if len(vertices) == 0:
+        return vertices, np.zeros((0, 3), dtype=np.int64)
+    fine_box = np.stack([vertices.min(0) - 2 * voxel, vertices.max(0) + 2 * voxel])
+    fine_box = np.clip(fine_box, -radius, radius)
+    values, voxel = sdf_on_grid(sdf_fn, fine_box, resolution, chunk, device)
+    return marching_cubes(values, fine_box[0], voxel, level)
+
+
+def largest_component(faces: np.ndarray) -> np.ndarray:
+    """The faces of the connected piece with the most faces."""
+    if len(faces) == 0:
+        return faces
+    adjacency = trimesh.graph.face_adjacency(faces)
+    labels = trimesh.graph.connected_component_labels(adjacency, node_count=len(faces))
+    return faces[labels == np.bincount(labels).argmax()]
+
+
+def remove_unused_vertices(vertices: np.ndarray, faces: np.ndarray, *attributes: np.ndarray):
+    """Drop vertices no face uses -> vertices, faces (re-indexed), attributes (same rows kept)."""
+    used = np.unique(faces)
+    remap = np.full(len(vertices), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return (vertices[used], remap[faces], *(a[used] for a in attributes))
+
+
+def faces_inside_masks(
+    vertices_world: np.ndarray,
+    faces: np.ndarray,
+    world_mats: Sequence[np.ndarray],
+    masks: np.ndarray,
+    dilation: int = 12,
+) -> np.ndarray:
+    """The faces none of whose vertices projects inside an image but outside its dilated mask.
+    world_mats: per view, for the masks' resolution; masks [N, H, W]."""
+    keep = np.ones(len(vertices_world), dtype=bool)
+    kernel = np.ones((2 * dilation + 1, 2 * dilation + 1), np.uint8)
+    for world_mat, mask in zip(world_mats, masks):
+        grown = cv2.dilate((mask > 0.5).astype(np.uint8), kernel) > 0
+        uv, depth = project(vertices_world, world_mat)
+        px = np.round(uv).astype(np.int64)
+        h, w = mask.shape
+        inside = (depth > 0) & (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
+        idx = np.nonzero(inside)[0]
+        keep[idx[~grown[px[idx, 1], px[idx, 0]]]] = False
+    return faces[keep[faces].all(axis=1)]
+
+
+def to_world(vertices: np.ndarray, scale_mat: np.ndarray) -> np.ndarray:
+    """Normalised frame -> dataset world frame: X_world = scale_mat @ [X, 1]."""
+    homo = np.concatenate([vertices, np.ones((len(vertices), 1))], axis=1)
+    return (homo @ scale_mat.T)[:, :3]
+
+
+def save_mesh(
+    path_stem: str, vertices: np.ndarray, faces: np.ndarray, colors: Optional[np.ndarray], formats: List[str]
+) -> List[str]:
+    """Write `path_stem.<fmt>` for each format (ply, obj, stl); colours [V, 3] in [0, 1]."""
+    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
+    if colors is not None:
+        mesh.visual.vertex_colors = np.concatenate(
+            [np.clip(colors * 255 + 0.5, 0, 255), np.full((len(colors), 1), 255)], axis=1
+        ).astype(np.uint8)
+    paths = []
+    os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
+    for fmt in formats:
+        if fmt not in ("ply", "obj", "stl"):
+            raise ValueError(f"mesh format must be ply, obj or stl, got '{fmt}'")
+        path = f"{path_stem}.{fmt}"
+        mesh.export(path)
+        paths.append(path)
+    return paths
+
+
+def rasterize_silhouette(vertices_world: np.ndarray, faces: np.ndarray, world_mat: np.ndarray, size) -> np.ndarray:
+    """Filled projection of the mesh: bool [H, W] for size (W, H)."""
+    w, h = size
+    image = np.zeros((h, w), np.uint8)
+    if len(faces) == 0:
+        return image > 0
+    uv, depth = project(vertices_world, world_mat)
+    tris = faces[(depth[faces] > 0).all(axis=1)]
+    shift = 4  # sub-pixel precision: coordinates in 1/16 pixel
+    pts = np.round(uv[tris] * (1 << shift)).astype(np.int32)  # [F, 3, 2]
+    # one call per triangle: fillPoly on many polygons uses the even-odd rule, so overlaps would be holes
+    for tri in pts:
+        cv2.fillConvexPoly(image, tri, 1, lineType=cv2.LINE_8, shift=shift)
+    return image > 0
+
+
+def silhouette_iou(
+    vertices_world: np.ndarray, faces: np.ndarray, world_mats: Sequence[np.ndarray], masks: np.ndarray
+) -> List[float]:
+    """Per-view IoU between the mesh's silhouette and the mask (> 0.5); masks [N, H, W] and
+    world_mats already scaled to the masks' resolution."""
+    ious = []
+    for world_mat, mask in zip(world_mats, masks):
+        sil = rasterize_silhouette(vertices_world, faces, world_mat, (mask.shape[1], mask.shape[0]))
+        ref = mask > 0.5
+        union = (sil | ref).sum()
+        ious.append(float((sil & ref).sum() / union) if union else 1.0)
+    return ious
