@@ -69,10 +69,13 @@ class NeuSModel(Configurable, nn.Module):
 
     @torch.no_grad()
     def occupancy_alpha(self, x: torch.Tensor) -> torch.Tensor:
-        """NeuS alpha of one marching step taken head-on at x: [N, 3] -> [N]"""
+        """NeuS alpha of one marching step taken head-on at x, zero deeper inside than
+        sampler.shell_width (when set): [N, 3] -> [N]"""
         sdf = chunked(self.geometry.sdf, x, self.config.occupancy_chunk)  # [N]
         head_on = torch.full_like(sdf, -1.0)
-        return neus_alpha(sdf, head_on, torch.full_like(sdf, self.config.render_step_size), self.variance.inv_s())
+        alpha = neus_alpha(sdf, head_on, torch.full_like(sdf, self.config.render_step_size), self.variance.inv_s())
+        shell = self.config.sampler.shell_width
+        return alpha * (sdf > -shell) if shell > 0 else alpha
 
     @torch.no_grad()
     def surface_colors(self, x: torch.Tensor, chunk: int) -> torch.Tensor:

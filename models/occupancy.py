@@ -81,6 +81,11 @@ class OccupancyGrid(Configurable, nn.Module):
         occ_threshold: float = 0.001  # a cell is occupied when its alpha (EMA) exceeds this
         # skip samples behind the surface: transmittance (from a gradient-free alpha) below this
         early_stop_eps: float = 1e-4
+        # skip samples whose gradient-free (head-on, so upper-bound) alpha is below this
+        alpha_threshold: float = 0.0
+        # cells deeper than this inside the surface (sdf < -shell_width) count as empty, so rays
+        # skip the interior (only reached through an opaque surface); 0 keeps them occupied
+        shell_width: float = 0.0
         backend: str = "auto"  # auto | torch | nerfacc (CUDA)
 
     def __init__(self, config: "OccupancyGrid.Config", radius: float, device: str = "cpu"):
@@ -131,6 +136,7 @@ class OccupancyGrid(Configurable, nn.Module):
                 t_max=t_far,
                 render_step_size=step_size,
                 early_stop_eps=self.config.early_stop_eps,
+                alpha_thre=self.config.alpha_threshold,
                 stratified=stratified,
             )
         if stratified:
@@ -138,9 +144,10 @@ class OccupancyGrid(Configurable, nn.Module):
         ray_indices, t_starts, t_ends = march_rays(
             rays_o, rays_d, t_near, t_far, self.binaries, self.aabb, step_size
         )
-        if alpha_fn is not None and self.config.early_stop_eps > 0 and ray_indices.numel() > 0:
+        c = self.config
+        if alpha_fn is not None and (c.early_stop_eps > 0 or c.alpha_threshold > 0) and ray_indices.numel() > 0:
             alphas = alpha_fn(t_starts, t_ends, ray_indices)  # [n_samples]
-            keep = visible_samples(alphas, ray_indices, rays_o.shape[0], self.config.early_stop_eps, 0.0)
+            keep = visible_samples(alphas, ray_indices, rays_o.shape[0], c.early_stop_eps, c.alpha_threshold)
             ray_indices, t_starts, t_ends = ray_indices[keep], t_starts[keep], t_ends[keep]
         return ray_indices, t_starts, t_ends
 

@@ -52,18 +52,18 @@ def segment_starts(ray_indices: torch.Tensor, n_rays: int) -> Tuple[torch.Tensor
 def exclusive_transmittance(alphas: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
     """T_i = prod_{j < i, same ray} (1 - alpha_j), per ray (nerfacc's packed exclusive_prod).
 
-    Computed as exp of a segmented exclusive cumsum of log(1 - alpha) in float64 (so that
-    subtracting the running sum at the start of each ray loses nothing).
+    The samples are laid out in a [n_rays, max_samples_per_ray] table padded with ones, so that
+    a plain cumprod gives exact values and gradients (also through alpha = 1).
     alphas, ray_indices: [n_samples] (sorted by ray) -> [n_samples]
     """
     if alphas.numel() == 0:
         return alphas.clone()
-    log_keep = torch.log(torch.clamp(1.0 - alphas.double(), min=1e-15))  # [n_samples]
-    inclusive = torch.cumsum(log_keep, 0)  # [n_samples]
-    exclusive = inclusive - log_keep
-    starts, _ = segment_starts(ray_indices, n_rays)
-    ray_base = exclusive[starts[ray_indices]]  # [n_samples] running sum where each ray begins
-    return torch.exp(exclusive - ray_base).to(alphas.dtype)
+    starts, counts = segment_starts(ray_indices, n_rays)
+    slot = torch.arange(alphas.shape[0], device=alphas.device) - starts[ray_indices]  # [n_samples]
+    keep = alphas.new_ones(n_rays, int(counts.max()) + 1)  # [n_rays, K + 1]
+    keep = keep.index_put((ray_indices, slot + 1), 1.0 - alphas)  # column 0 stays 1: exclusive
+    trans = torch.cumprod(keep, dim=1)  # [n_rays, K + 1]
+    return trans[ray_indices, slot]  # [n_samples]
 
 
 def render_weights_from_alpha(

@@ -108,9 +108,22 @@ class RayDataset:
 
     def view_rays(self, index: int) -> dict:
         """All H*W rays of view `index` in row-major pixel order."""
-        v, u = torch.meshgrid(
-            torch.arange(self.height, device=self.device), torch.arange(self.width, device=self.device), indexing="ij"
-        )
-        u, v = u.reshape(-1), v.reshape(-1)
+        u, v = self._pixel_grid(self.width, self.height)
         view = torch.full_like(u, index)
         return self._rays(view, u, v, self.eval_background().expand(u.shape[0], 3))
+
+    def pose_rays(self, c2w: torch.Tensor, intrinsics: torch.Tensor, width: int, height: int) -> dict:
+        """Rays of a free camera (no ground truth): c2w [3, 4] normalised frame, K [3, 3]."""
+        u, v = self._pixel_grid(width, height)
+        n = u.shape[0]
+        return {
+            "rays_o": c2w[:, 3].expand(n, 3),
+            "rays_d": pixel_directions(u.float(), v.float(), intrinsics.expand(n, 3, 3), c2w.expand(n, 3, 4)),
+            "background": self.eval_background().expand(n, 3),
+        }
+
+    def _pixel_grid(self, width: int, height: int):
+        v, u = torch.meshgrid(
+            torch.arange(height, device=self.device), torch.arange(width, device=self.device), indexing="ij"
+        )
+        return u.reshape(-1), v.reshape(-1)

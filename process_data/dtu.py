@@ -125,6 +125,7 @@ class DTUDataset(Configurable, RayDataset):
         apply_mask: bool = True  # replace the pixels outside the mask with the background colour
         background_color: str = "random"  # random (training; white for evaluation) | white | black
         holdout_every: int = 8  # views 0, K, 2K... are held out for testing; 0: none
+        gt_mesh: str = ""  # ground-truth mesh in the world frame (default: <root_dir>/gt_mesh.ply if present)
 
     def __init__(self, config: "DTUDataset.Config", device="cpu"):
         views = load_neus_scene(config.root_dir, config.cameras_file, config.img_downscale, config.use_masks)

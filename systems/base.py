@@ -33,6 +33,8 @@ class TrainerConfig:
     ckpt_every: int = 5000  # steps between checkpoints (0: only the final one)
     eval_chunk_rays: int = 4096  # rays rendered at once in validation / test
     test_at_end: bool = True  # --train ends with the test stage (renders, metrics, video, mesh)
+    n_test_traj_steps: int = 60  # frames of the orbit video
+    test_traj_downscale: float = 1.0  # render the orbit video at 1/this of the image size
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ExportConfig:
     formats: List[str] = field(default_factory=lambda: ["ply"])  # any of ply, obj, stl
     largest_component: bool = True  # keep only the largest connected piece
     cull_with_masks: bool = False  # drop faces that project outside the (dilated) masks
+    fscore_threshold: float = 0.01  # F-score distance, in units of the normalised (unit-sphere) radius
 
 
 @dataclass

@@ -1,11 +1,15 @@
 """Training, evaluation and export for NeuS models."""
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
+import imageio.v2 as imageio
 import numpy as np
 import torch
+import trimesh
+from tqdm import tqdm
 
 from models import MODELS
 from process_data import DATASETS
@@ -21,8 +25,9 @@ from utils.mesh import (
     save_mesh,
     to_world,
 )
-from utils.metrics import psnr
-from utils.visualize import depth_image, normal_image, save_image
+from utils.camera import downscale_matrix, orbit_poses
+from utils.metrics import mesh_metrics, psnr, ssim
+from utils.visualize import depth_image, normal_image, save_image, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +85,27 @@ class NeuSSystem(BaseSystem):
 
     # --- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
-    def render_view(self, index: int) -> Dict[str, torch.Tensor]:
-        """Render all pixels of view `index` in chunks -> rgb [H, W, 3], opacity [H, W],
-        depth [H, W], normal [H, W, 3], and the ground truth rgb / mask."""
+    def render_image(self, rays: Dict[str, torch.Tensor], height: int, width: int) -> Dict[str, torch.Tensor]:
+        """Render H*W rays in chunks of eval_chunk_rays -> rgb [H, W, 3], opacity [H, W],
+        depth [H, W], normal [H, W, 3]."""
         self.model.eval()
-        batch = self.dataset.view_rays(index)
         chunk = self.trainer_config.eval_chunk_rays
         keys = ("rgb", "opacity", "depth", "normal")
         parts = {k: [] for k in keys}
-        for i in range(0, batch["rays_o"].shape[0], chunk):
-            out = self.model(batch["rays_o"][i : i + chunk], batch["rays_d"][i : i + chunk],
-                             batch["background"][i : i + chunk])
+        for i in range(0, rays["rays_o"].shape[0], chunk):
+            out = self.model(rays["rays_o"][i : i + chunk], rays["rays_d"][i : i + chunk],
+                             rays["background"][i : i + chunk])
             for k in keys:
                 parts[k].append(out[k])
+        return {k: torch.cat(v).view(height, width, -1).squeeze(-1) for k, v in parts.items()}
+
+    def render_view(self, index: int) -> Dict[str, torch.Tensor]:
+        """Render view `index` -> render_image's images plus gt_rgb [H, W, 3], mask [H, W]."""
+        rays = self.dataset.view_rays(index)
         h, w = self.dataset.height, self.dataset.width
-        images = {k: torch.cat(v).view(h, w, -1).squeeze(-1) for k, v in parts.items()}
-        images["gt_rgb"] = batch["rgb"].view(h, w, 3)
-        images["mask"] = batch["mask"].view(h, w)
+        images = self.render_image(rays, h, w)
+        images["gt_rgb"] = rays["rgb"].view(h, w, 3)
+        images["mask"] = rays["mask"].view(h, w)
         return images
 
     def validation_view(self) -> int:
@@ -131,8 +140,65 @@ class NeuSSystem(BaseSystem):
         return metrics
 
     def test(self) -> Dict[str, Any]:
-        log.warning("--test is not yet implemented: it comes with the outputs issue")
-        return {}
+        """Held-out views (PSNR/SSIM, whole image and inside the mask), an orbit video and the
+        mesh (with Chamfer/F-score when the scene has a ground-truth mesh) -> metrics.json."""
+        out_dir = os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-test")
+        views = self.dataset.split["test"] or self.dataset.split["train"][::8]
+        per_view = {}
+        for view in tqdm(views, desc="test views", leave=False):
+            images = self.render_view(view)
+            save_image(os.path.join(out_dir, f"{view:06d}.png"), images["rgb"].cpu().numpy())
+            per_view[f"{view:06d}"] = image_metrics(images, self.dataset.has_masks)
+        mean = {k: float(np.mean([m[k] for m in per_view.values()])) for k in next(iter(per_view.values()))}
+        metrics = {"step": self.global_step, "views": per_view, "mean": mean}
+        metrics["video"] = self.render_orbit(out_dir)
+        mesh_paths = self.export_mesh()
+        metrics["mesh"] = {"path": mesh_paths[0], **self.mesh_metrics(mesh_paths[0])}
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        for key, value in mean.items():
+            self.writer.add_scalar(f"test/{key}", value, self.global_step)
+        log.info("test at step %d over %d views: %s", self.global_step, len(views),
+                 " ".join(f"{k} {v:.3f}" for k, v in mean.items()))
+        return metrics
+
+    def render_orbit(self, out_dir: str) -> str:
+        """n_test_traj_steps frames on a circle fitted to the cameras, RGB | normals, as PNGs
+        and an mp4 at 30 fps -> the video's path."""
+        cfg = self.trainer_config
+        scale = cfg.test_traj_downscale
+        width, height = int(self.dataset.width / scale) // 2 * 2, int(self.dataset.height / scale) // 2 * 2
+        intrinsics = torch.from_numpy((downscale_matrix(scale) @ self.dataset.views.intrinsics[0]).astype(np.float32))
+        poses = torch.from_numpy(orbit_poses(self.dataset.views.c2w, cfg.n_test_traj_steps).astype(np.float32))
+        frames = []
+        for i, c2w in enumerate(tqdm(poses, desc="orbit video", leave=False)):
+            rays = self.dataset.pose_rays(c2w.to(self.device), intrinsics.to(self.device), width, height)
+            images = self.render_image(rays, height, width)
+            frame = np.concatenate(
+                [images["rgb"].cpu().numpy(), normal_image(images["normal"], images["opacity"])], axis=1
+            )
+            save_image(os.path.join(out_dir, f"traj-{i:04d}.png"), frame)
+            frames.append(to_uint8(frame))
+        path = os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-test.mp4")
+        imageio.mimwrite(path, frames, fps=30, quality=8, macro_block_size=2)
+        log.info("orbit video: %s", path)
+        return path
+
+    def mesh_metrics(self, mesh_path: str) -> Dict[str, float]:
+        """Chamfer / F-score against the scene's ground-truth mesh, if it has one (world units)."""
+        gt_path = self.full_config.dataset.gt_mesh or os.path.join(self.full_config.dataset.root_dir, "gt_mesh.ply")
+        if not os.path.isfile(gt_path):
+            return {}
+        pred, gt = trimesh.load(mesh_path, process=False), trimesh.load(gt_path, process=False)
+        world_radius = float(np.abs(np.linalg.det(self.dataset.views.scale_mat[:3, :3])) ** (1 / 3))
+        result = mesh_metrics(
+            np.asarray(pred.vertices), np.asarray(pred.faces), np.asarray(gt.vertices), np.asarray(gt.faces),
+            threshold=self.full_config.export.fscore_threshold * world_radius,
+        )
+        result["gt_mesh"] = gt_path
+        result["unit_sphere_radius_world"] = world_radius
+        log.info("mesh vs %s: %s", gt_path, result)
+        return result
 
     def export_mesh(self) -> List[str]:
         """Marching cubes on the SDF -> coloured mesh in the dataset's world frame, written to
@@ -170,3 +236,12 @@ class NeuSSystem(BaseSystem):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def image_metrics(images: Dict[str, torch.Tensor], has_masks: bool) -> Dict[str, float]:
+    """PSNR and SSIM of a render against its ground truth, whole image and inside the mask."""
+    metrics = {"psnr": psnr(images["rgb"], images["gt_rgb"]), "ssim": ssim(images["rgb"], images["gt_rgb"])}
+    if has_masks:
+        metrics["psnr_masked"] = psnr(images["rgb"], images["gt_rgb"], images["mask"])
+        metrics["ssim_masked"] = ssim(images["rgb"], images["gt_rgb"], images["mask"])
+    return metrics

@@ -42,3 +42,121 @@ def test_wrong_type_names_the_key():
     with pytest.raises(ConfigError) as err:
         load_config(CPU_CONFIG, ["trainer.max_steps=lots"])
     assert "trainer.max_steps" in str(err.value)
+
+
+# --- resolvers and `base:` chaining through files written to tmp_path ----------------------
+
+
+def write_yaml(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def chained_configs(tmp_path):
+    """base.yaml builds on the CPU config and uses every resolver; child.yaml builds on
+    base.yaml (a relative `base:`) and overrides one key that the interpolations read."""
+    base = write_yaml(
+        tmp_path / "base.yaml",
+        f"""base: {CPU_CONFIG}
+name: run-${{basename:${{dataset.root_dir}}}}
+dataset:
+  root_dir: /data/scans/scan37/
+model:
+  render_step_size: ${{div:2.0,128}}
+trainer:
+  max_steps: ${{add:1000,500}}
+  train_num_rays: ${{mul:128,4}}
+  log_every: ${{idiv:${{trainer.max_steps}},7}}
+system:
+  scheduler:
+    decay_start: ${{sub:${{trainer.max_steps}},1000}}
+    gamma: ${{calc_exp_lr_decay_rate:0.01,${{sub:${{trainer.max_steps}},${{system.scheduler.decay_start}}}}}}
+""",
+    )
+    child = write_yaml(tmp_path / "child.yaml", "base: base.yaml\ntrainer:\n  max_steps: 3000\n")
+    return base, child
+
+
+def test_every_resolver_in_a_base_file(chained_configs):
+    """add, sub, mul, div, idiv, basename and calc_exp_lr_decay_rate resolve to hand values."""
+    base, _ = chained_configs
+    config = load_config(base)
+    assert config.name == "run-scan37"  # basename of /data/scans/scan37/ (trailing slash dropped)
+    assert config.trainer.max_steps == 1500  # add: 1000 + 500
+    assert config.trainer.train_num_rays == 512  # mul: 128 * 4
+    assert config.model.render_step_size == 0.015625  # div: 2 / 128
+    assert config.trainer.log_every == 214  # idiv: 1500 // 7
+    assert config.system.scheduler.decay_start == 500  # sub: 1500 - 1000
+    assert config.system.scheduler.gamma == pytest.approx(0.01 ** (1.0 / 1000))  # 0.995405...
+    assert config.system.scheduler.gamma == pytest.approx(0.9954054173515269)
+    # inherited untouched through two files: the GPU base, then the CPU file
+    assert config.model.geometry.n_neurons == 64
+    assert config.model.geometry.xyz_encoding.n_levels == 12
+
+
+def test_child_override_flows_through_interpolations(chained_configs):
+    """A child overriding trainer.max_steps changes every value derived from it in its bases."""
+    _, child = chained_configs
+    config = load_config(child)
+    assert config.trainer.max_steps == 3000
+    assert config.trainer.log_every == 428  # 3000 // 7
+    assert config.system.scheduler.decay_start == 2000  # 3000 - 1000
+    assert config.system.scheduler.gamma == pytest.approx(0.01 ** (1.0 / 1000))
+    assert config.trainer.train_num_rays == 512  # not derived from max_steps: unchanged
+    assert config.name == "run-scan37"
+
+
+def test_command_line_override_beats_child_file(chained_configs):
+    """Overrides apply after the whole chain: the last word on max_steps and its derivatives."""
+    _, child = chained_configs
+    config = load_config(child, ["trainer.max_steps=1100", "dataset.root_dir=/x/scan105"])
+    assert config.trainer.log_every == 157  # 1100 // 7
+    assert config.system.scheduler.decay_start == 100
+    assert config.name == "run-scan105"
+
+
+def test_base_cycle_is_reported(tmp_path):
+    """Two files naming each other as base raise ConfigError instead of recursing forever."""
+    write_yaml(tmp_path / "a.yaml", "base: b.yaml\nseed: 1\n")
+    write_yaml(tmp_path / "b.yaml", "base: a.yaml\nseed: 2\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_missing_base_file_names_the_path(tmp_path):
+    child = write_yaml(tmp_path / "child.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    assert str(tmp_path / "nowhere.yaml") in str(err.value)
+
+
+def test_unknown_top_level_section_lists_valid_sections(tmp_path):
+    """A misspelt section name ('trainr') fails at load with the valid top-level keys."""
+    child = write_yaml(tmp_path / "child.yaml", f"base: {CPU_CONFIG}\ntrainr:\n  max_steps: 10\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    message = str(err.value)
+    assert "trainr" in message
+    for name in ("name", "seed", "device", "dataset", "model", "system", "trainer", "export"):
+        assert name in message
+
+
+def test_unknown_dataset_name_lists_registered_datasets(tmp_path):
+    child = write_yaml(tmp_path / "child.yaml", f"base: {CPU_CONFIG}\ndataset:\n  name: blender\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    message = str(err.value)
+    assert "dataset.name" in message and "'blender'" in message and "valid names: dtu" in message
+
+
+def test_unknown_encoding_otype_lists_registered_encodings(tmp_path):
+    child = write_yaml(
+        tmp_path / "child.yaml",
+        f"base: {CPU_CONFIG}\nmodel:\n  geometry:\n    xyz_encoding:\n      otype: Hashgrid\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    message = str(err.value)
+    assert "model.geometry.xyz_encoding.otype" in message and "'Hashgrid'" in message
+    assert "valid names: Frequency, HashGrid, SphericalHarmonics" in message
