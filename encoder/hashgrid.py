@@ -17,7 +17,7 @@ instant-nsr-pl): only the first `current_level` levels are active; the rest outp
 import logging
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,101 +49,155 @@ def level_layout(
 
 
 class GridLevels(NamedTuple):
-    """The levels to evaluate, each field [L]: what `level_layout` gives, as tensors."""
+    """Per-level constants (what `level_layout` gives), as Python numbers: compiled kernels
+    fold them into the code, one simple loop body per level."""
 
-    scales: torch.Tensor  # float32 grid scale s_l
-    resolutions: torch.Tensor  # int64
-    sizes: torch.Tensor  # int64 table rows of the level
-    offsets: torch.Tensor  # int64 first row of the level in the flat table
-    dense: torch.Tensor  # bool; dense levels are the coarse ones, so they come first
+    scales: Tuple[float, ...]
+    resolutions: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+    offsets: Tuple[int, ...]  # first row of each level in the flat table
+    dense: Tuple[bool, ...]
+
+    @classmethod
+    def build(cls, n_levels: int, base_resolution: int, per_level_scale: float, log2_hashmap_size: int):
+        scales, resolutions, sizes, dense = level_layout(n_levels, base_resolution, per_level_scale, log2_hashmap_size)
+        offsets = [0]
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        return cls(tuple(scales), tuple(resolutions), tuple(sizes), tuple(offsets), tuple(dense))
 
 
 def _outer3(ax: torch.Tensor, ay: torch.Tensor, az: torch.Tensor, op) -> torch.Tensor:
-    """Combine per-axis corner terms [L, N, 2] into [L, N, 8]; corner c = 4 bz + 2 by + bx."""
-    out = op(op(az[:, :, :, None, None], ay[:, :, None, :, None]), ax[:, :, None, None, :])
-    return out.reshape(*ax.shape[:2], 8)
+    """Combine per-axis corner terms [N, 2] into [N, 8]; corner c = 4 bz + 2 by + bx."""
+    return op(op(az[:, :, None, None], ay[:, None, :, None]), ax[:, None, None, :]).reshape(-1, 8)
 
 
-def hash_grid_indices(cells: torch.Tensor, levels: GridLevels) -> torch.Tensor:
-    """Flat-table row of the 8 corners of each cell: tcnn's grid_index plus the level offset.
+def level_rows(cell: torch.Tensor, resolution: int, size: int, dense: bool) -> torch.Tensor:
+    """Table rows (within the level) of the 8 corners of each cell: tcnn's grid_index.
 
-    Dense level: x + y res + z res^2; hashed level: x*1 ^ y*2654435761 ^ z*805459861 (uint32);
-    both modulo the level's table size.
-    cells: [L, N, 3] int64 lower corners -> [L, N, 8] int64
+    Dense: x + y res + z res^2; hashed: x*1 ^ y*2654435761 ^ z*805459861 in uint32 (int32
+    arithmetic wraps the same way, and the power-of-two modulo keeps only low bits);
+    both modulo the level's table size.  cell: [N, 3] int32 lower corners -> [N, 8] int32
     """
-    n_dense = int(levels.dense.sum())
-    corner = torch.stack([cells, cells + 1], dim=-1)  # [L, N, 3, 2]
-    rows = []
-    if n_dense > 0:
-        cx, cy, cz = corner[:n_dense].unbind(2)  # each [Ld, N, 2]
-        res = levels.resolutions[:n_dense, None, None]  # [Ld, 1, 1]
-        index = _outer3(cx, cy * res, cz * res * res, torch.add)  # [Ld, N, 8]
-        rows.append(torch.remainder(index, levels.sizes[:n_dense, None, None]))
-    if n_dense < cells.shape[0]:
-        cx, cy, cz = corner[n_dense:].unbind(2)  # each [Lh, N, 2]
-        index = _outer3(cx * HASH_PRIMES[0], cy * HASH_PRIMES[1], cz * HASH_PRIMES[2], torch.bitwise_xor)
-        # hashed table sizes are powers of two: the modulo keeps low bits, exact as in uint32
-        rows.append(index & (levels.sizes[n_dense:, None, None] - 1))
-    return torch.cat(rows) + levels.offsets[:, None, None]
+    cx, cy, cz = cell.unbind(-1)
+    if dense:
+        r2 = resolution * resolution
+        rows = _outer3(torch.stack([cx, cx + 1], -1), torch.stack([cy, cy + 1], -1) * resolution,
+                       torch.stack([cz, cz + 1], -1) * r2, torch.add)
+        return torch.remainder(rows, size)
+    px, py, pz = HASH_PRIMES
+    rows = _outer3(torch.stack([cx, cx + 1], -1) * px, torch.stack([cy, cy + 1], -1) * py,
+                   torch.stack([cz, cz + 1], -1) * pz, torch.bitwise_xor)
+    return rows & (size - 1)
 
 
 def corner_rows_and_weights(
     x: torch.Tensor, levels: GridLevels, with_derivative: bool
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Table rows of the 8 corners around each point, trilinear weights, d weights / d x.
+    """Table rows of the 8 corners around each point at every level, trilinear weights, and
+    d weights / d x.  p = s_l x + 0.5, frac = p - floor(p):
 
-    w_c = prod_d (b_cd ? frac_d : 1 - frac_d),   dw_c / dx_d = s_l (2 b_cd - 1) prod_{e != d} (...)
-    x: [N, 3] -> rows [L, N, 8] int64 (flat table), w [L, N, 8], dw [L, N, 8, 3] (or None)
+        w_c = prod_d (b_cd ? frac_d : 1 - frac_d),   dw_c / dx_d = s_l (2 b_cd - 1) prod_{e != d} (...)
+
+    x: [N, 3] -> rows [L, N, 8] int32 (flat table), w [L, N, 8], dw [L, N, 8, 3] (or None)
     """
-    pos = x.detach()[None, :, :] * levels.scales[:, None, None] + 0.5  # [L, N, 3]
-    pos_floor = torch.floor(pos)
-    frac = pos - pos_floor  # [L, N, 3]
-    rows = hash_grid_indices(pos_floor.long(), levels)  # [L, N, 8]
-    wx, wy, wz = torch.stack([1.0 - frac, frac], dim=-1).unbind(2)  # each [L, N, 2]
-    weights = _outer3(wx, wy, wz, torch.mul)  # [L, N, 8]
-    if not with_derivative:
-        return rows, weights, None
-    slope = levels.scales[:, None, None] * torch.tensor([-1.0, 1.0], device=x.device)  # [L, 1, 2]
-    slope = slope.expand_as(wx)  # [L, N, 2]
-    dweights = torch.stack(
-        [
-            _outer3(slope, wy, wz, torch.mul),
-            _outer3(wx, slope, wz, torch.mul),
-            _outer3(wx, wy, slope, torch.mul),
-        ],
-        dim=-1,
-    )  # [L, N, 8, 3]
-    return rows, weights, dweights
+    rows, weights, dweights = [], [], []
+    for scale, resolution, size, offset, dense in zip(*levels):
+        pos = x * scale + 0.5  # [N, 3]
+        floor = torch.floor(pos)
+        frac = pos - floor
+        rows.append(level_rows(floor.to(torch.int32), resolution, size, dense) + offset)
+        wx, wy, wz = torch.stack([1.0 - frac, frac], dim=-1).unbind(1)  # each [N, 2]
+        weights.append(_outer3(wx, wy, wz, torch.mul))
+        if with_derivative:
+            slope = torch.tensor([-scale, scale], dtype=x.dtype, device=x.device).expand_as(wx)  # [N, 2]
+            dweights.append(torch.stack(
+                [_outer3(slope, wy, wz, torch.mul), _outer3(wx, slope, wz, torch.mul),
+                 _outer3(wx, wy, slope, torch.mul)], dim=-1,
+            ))  # [N, 8, 3]
+    return torch.stack(rows), torch.stack(weights), torch.stack(dweights) if with_derivative else None
 
 
-def _gather(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """table: [T, F], rows: [L, N, 8] -> [L, N, 8, F]"""
-    return table.index_select(0, rows.reshape(-1)).view(*rows.shape, table.shape[1])
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table: [T, F], rows: [L, N, 8] -> [L, N, 8, F]. Two float32 features are moved as
+    one 8-byte word: a 1-d gather is several times faster than a gather of [T, 2] rows."""
+    n_features = table.shape[1]
+    if n_features == 2 and table.dtype == torch.float32 and table.is_contiguous():
+        words = table.view(torch.int64).view(-1).index_select(0, rows.reshape(-1))
+        return words.view(torch.float32).view(*rows.shape, 2)
+    return table.index_select(0, rows.reshape(-1)).view(*rows.shape, n_features)
 
 
-def _scatter(n_table_rows: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Gradient of `_gather`: values [L, N, 8, F] summed at rows into a zero [T, F]."""
+def scatter_rows(n_table_rows: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Adjoint of `gather_rows`: values [L, N, 8, F] summed at rows into a zero [T, F]."""
     n_features = values.shape[-1]
     out = values.new_zeros(n_table_rows, n_features)
     return out.index_add_(0, rows.reshape(-1), values.reshape(-1, n_features))
+
+
+def interpolate(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[l, n, f] = sum_c w[l, n, c] table[rows[l, n, c], f] -> [L, N, F]"""
+    return (gather_rows(table, rows) * weights[..., None]).sum(2)
+
+
+def interpolate_backward(n_table_rows: int, rows: torch.Tensor, weights: torch.Tensor, g: torch.Tensor):
+    """d table of <interpolate, g>: g [L, N, F] -> [T, F]"""
+    return scatter_rows(n_table_rows, rows, weights[..., None] * g[:, :, None, :])
+
+
+def table_jvp(g: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, dweights: torch.Tensor) -> torch.Tensor:
+    """grad_x[n, d] = sum_{l, c, f} g[l, n, f] table[rows[l, n, c], f] dw[l, n, c, d] -> [N, 3]
+    (the x-gradient of <interpolate, g>)"""
+    per_corner = (gather_rows(table, rows) * g[:, :, None, :]).sum(-1)  # [L, N, 8]
+    return (per_corner[..., None] * dweights).sum((0, 2))  # [N, 3]
+
+
+def table_jvp_backward(
+    grad_x_grad: torch.Tensor, g: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, dweights: torch.Tensor
+):
+    """Adjoints of table_jvp in g and in table: grad_x_grad [N, 3] -> [L, N, F], [T, F]"""
+    along = (dweights * grad_x_grad[None, :, None, :]).sum(-1)  # [L, N, 8]
+    grad_g = (gather_rows(table, rows) * along[..., None]).sum(2)  # [L, N, F]
+    grad_table = scatter_rows(table.shape[0], rows, along[..., None] * g[:, :, None, :])
+    return grad_g, grad_table
+
+
+class Kernels(NamedTuple):
+    """The tensor maths of one grid: eager (the reference) or torch.compile'd (fused loops
+    with the level constants folded in; several times faster on CPU)."""
+
+    corners: Callable  # x, with_derivative -> rows, weights, dweights
+    interpolate: Callable
+    interpolate_backward: Callable
+    table_jvp: Callable
+    table_jvp_backward: Callable
+
+
+def make_kernels(levels: GridLevels, compile: bool) -> Kernels:
+    def corners(x, with_derivative):
+        return corner_rows_and_weights(x, levels, with_derivative)
+
+    kernels = Kernels(corners, interpolate, interpolate_backward, table_jvp, table_jvp_backward)
+    if compile:
+        # dynamic shapes: the number of samples changes every step and must not recompile
+        kernels = Kernels(*(torch.compile(fn, dynamic=True) for fn in kernels))
+    return kernels
 
 
 class _InterpolateTable(torch.autograd.Function):
     """out[l, n, f] = sum_c w[l, n, c] * table[rows[l, n, c], f]  (differentiable in table)."""
 
     @staticmethod
-    def forward(ctx, table, rows, weights):
+    def forward(ctx, table, rows, weights, kernels):
         ctx.save_for_backward(rows, weights)
-        ctx.n_table_rows = table.shape[0]
-        feats = _gather(table, rows)  # [L, N, 8, F]
-        out = torch.bmm(weights.reshape(-1, 1, 8), feats.reshape(-1, 8, table.shape[1]))  # [L*N, 1, F]
-        return out.view(*rows.shape[:2], table.shape[1])  # [L, N, F]
+        ctx.n_table_rows, ctx.kernels = table.shape[0], kernels
+        return kernels.interpolate(table, rows, weights)  # [L, N, F]
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: [L, N, F]
         rows, weights = ctx.saved_tensors
-        grad_table = _scatter(ctx.n_table_rows, rows, weights[..., None] * grad_out[:, :, None, :])
-        return grad_table, None, None
+        grad_table = ctx.kernels.interpolate_backward(ctx.n_table_rows, rows, weights, grad_out.contiguous())
+        return grad_table, None, None, None
 
 
 class _SpatialGradient(torch.autograd.Function):
@@ -159,54 +213,49 @@ class _SpatialGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, table_ref, rows, dweights):
+    def forward(ctx, x, table_ref, rows, dweights, kernels):
         (table,) = table_ref
-        ctx.table, ctx.rows, ctx.dweights = table, rows, dweights
-        n_levels, n_points = rows.shape[:2]
-        return x.new_zeros(n_levels, n_points, table.shape[1])  # [L, N, F]
+        ctx.table, ctx.rows, ctx.dweights, ctx.kernels = table, rows, dweights, kernels
+        return x.new_zeros(rows.shape[0], rows.shape[1], table.shape[1])  # [L, N, F]
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: [L, N, F]
-        grad_x = _TableJacobianVectorProduct.apply(grad_out, ctx.table, ctx.rows, ctx.dweights)
-        return grad_x, None, None, None
+        grad_x = _TableJacobianVectorProduct.apply(
+            grad_out.contiguous(), ctx.table, ctx.rows, ctx.dweights, ctx.kernels
+        )
+        return grad_x, None, None, None, None
 
 
 class _TableJacobianVectorProduct(torch.autograd.Function):
-    """grad_x[n, d] = sum_{l, c, f} g[l, n, f] * table[rows[l, n, c], f] * dw[l, n, c, d].
-
-    Linear in g and in table; its backward gives both, which is what the eikonal loss needs.
-    """
+    """grad_x = table_jvp(g, table): linear in g and in table; its backward gives both,
+    which is what the eikonal loss needs."""
 
     @staticmethod
-    def forward(ctx, g, table, rows, dweights):
-        feats = _gather(table, rows)  # [L, N, 8, F]
-        ctx.save_for_backward(g, feats, rows, dweights)
-        ctx.n_table_rows = table.shape[0]
-        per_corner = (feats * g[:, :, None, :]).sum(-1)  # [L, N, 8]
-        return torch.einsum("lnc,lncd->nd", per_corner, dweights)  # [N, 3]
+    def forward(ctx, g, table, rows, dweights, kernels):
+        ctx.save_for_backward(g, table, rows, dweights)
+        ctx.kernels = kernels
+        return kernels.table_jvp(g, table, rows, dweights)  # [N, 3]
 
     @staticmethod
     def backward(ctx, grad_grad_x):  # [N, 3]
-        g, feats, rows, dweights = ctx.saved_tensors
-        along = torch.einsum("lncd,nd->lnc", dweights, grad_grad_x)  # [L, N, 8]
-        grad_g = (feats * along[..., None]).sum(2)  # [L, N, F]
-        grad_table = _scatter(ctx.n_table_rows, rows, along[..., None] * g[:, :, None, :])
-        return grad_g, grad_table, None, None
+        g, table, rows, dweights = ctx.saved_tensors
+        grad_g, grad_table = ctx.kernels.table_jvp_backward(grad_grad_x.contiguous(), g, table, rows, dweights)
+        return grad_g, grad_table, None, None, None
 
 
-def hash_grid_encode(x: torch.Tensor, table: torch.Tensor, levels: GridLevels) -> torch.Tensor:
-    """Trilinear hash-grid features of x for the given levels.
+def hash_grid_encode(x: torch.Tensor, table: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    """Trilinear hash-grid features of x at every level of `kernels`' grid.
 
     x: [N, 3] in [0, 1]; table: [T, F] -> [N, L * F] level-major. Differentiable in table,
     in x (first order) and in table through d out / d x (for the eikonal loss).
     """
     n_points = x.shape[0]
     needs_dx = x.requires_grad and torch.is_grad_enabled()
-    rows, weights, dweights = corner_rows_and_weights(x, levels, with_derivative=needs_dx)
-    out = _InterpolateTable.apply(table, rows, weights)  # [L, N, F]
+    rows, weights, dweights = kernels.corners(x.detach(), needs_dx)
+    out = _InterpolateTable.apply(table, rows, weights, kernels)  # [L, N, F]
     if needs_dx:
-        out = out + _SpatialGradient.apply(x, (table,), rows, dweights)
-    return out.permute(1, 0, 2).reshape(n_points, -1)  # [N, L * F]
+        out = out + _SpatialGradient.apply(x, (table,), rows, dweights, kernels)
+    return out.permute(1, 0, 2).reshape(n_points, out.shape[0] * out.shape[2])  # [N, L * F]
 
 
 def tcnn_available() -> bool:
@@ -244,6 +293,7 @@ class HashGrid(Configurable, nn.Module):
         base_resolution: int = 16
         per_level_scale: float = 1.447269237440378
         backend: str = "auto"  # auto | torch | tcnn
+        compile: bool = False  # torch backend: run its kernels through torch.compile (several times faster)
         # progressive band mask: start_level active levels, one more every update_steps after start_step
         start_level: int = 4
         start_step: int = 0
@@ -259,17 +309,9 @@ class HashGrid(Configurable, nn.Module):
         self.n_output_dims = self.n_levels * self.n_features
         self.backend = choose_backend(config.backend, torch.device(device))
         log.info("hash grid backend: %s", self.backend)
-        scales, resolutions, sizes, dense = level_layout(
+        self.levels = GridLevels.build(
             config.n_levels, config.base_resolution, config.per_level_scale, config.log2_hashmap_size
         )
-        offsets = [0]
-        for size in sizes[:-1]:
-            offsets.append(offsets[-1] + size)
-        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32), persistent=False)
-        self.register_buffer("resolutions", torch.tensor(resolutions), persistent=False)
-        self.register_buffer("sizes", torch.tensor(sizes), persistent=False)
-        self.register_buffer("offsets", torch.tensor(offsets), persistent=False)
-        self.register_buffer("dense", torch.tensor(dense), persistent=False)
         self.register_buffer("current_level", torch.tensor(min(config.start_level, config.n_levels)))
         if self.backend == "tcnn":
             import tinycudann as tcnn
@@ -288,7 +330,9 @@ class HashGrid(Configurable, nn.Module):
                 dtype=torch.float32,
             )
         else:
-            self.table = nn.Parameter(torch.empty(sum(sizes), self.n_features).uniform_(-1e-4, 1e-4))
+            n_rows = self.levels.offsets[-1] + self.levels.sizes[-1]
+            self.table = nn.Parameter(torch.empty(n_rows, self.n_features).uniform_(-1e-4, 1e-4))
+            self.kernels = make_kernels(self.levels, config.compile)
 
     def update_step(self, global_step: int) -> None:
         c = self.config
@@ -296,19 +340,14 @@ class HashGrid(Configurable, nn.Module):
         self.current_level.fill_(min(level, self.n_levels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, 3] in [0, 1] -> [N, n_levels * n_features]; inactive levels are zero."""
-        active = int(self.current_level)
+        """x: [N, 3] in [0, 1] -> [N, n_levels * n_features]; inactive levels are zero.
+
+        Every level is evaluated (as tiny-cuda-nn does) and the band mask zeroes the
+        inactive ones, so the compiled kernels see one fixed set of levels."""
         if self.backend == "tcnn":
             feats = self.tcnn_encoding(x).float()  # [N, L * F]
-            mask = torch.zeros(self.n_levels, self.n_features, device=x.device)
-            mask[:active] = 1.0
-            return feats * mask.reshape(1, -1)
-        levels = GridLevels(
-            self.scales[:active],
-            self.resolutions[:active],
-            self.sizes[:active],
-            self.offsets[:active],
-            self.dense[:active],
-        )
-        feats = hash_grid_encode(x, self.table, levels)  # [N, active * F]
-        return nn.functional.pad(feats, (0, (self.n_levels - active) * self.n_features))
+        else:
+            feats = hash_grid_encode(x, self.table, self.kernels)  # [N, L * F]
+        level = torch.arange(self.n_levels, device=x.device)
+        mask = (level < self.current_level).to(feats.dtype).repeat_interleave(self.n_features)  # [L * F]
+        return feats * mask

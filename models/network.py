@@ -141,18 +141,25 @@ class ColorNetwork(nn.Module):
 
 
 class VarianceNetwork(nn.Module):
-    """The learned sharpness of NeuS: inv_s = exp(10 * variance), clamped to [1e-6, 1e6]."""
+    """The learned sharpness of NeuS: inv_s = exp(10 * variance), clamped to [1e-6, max_inv_s].
+
+    With fixed-step marching the rendered surface must stay wider than a few steps: once
+    1 / inv_s is much smaller than the step, most samples miss the transition, the gradients
+    that move the surface vanish and the geometry degrades. max_inv_s ~ 4 / render_step_size
+    keeps it resolvable (the mesh is the zero level set, so its sharpness does not depend on it)."""
 
     @dataclass
     class Config:
         init_val: float = 0.3
+        max_inv_s: float = 1e6
 
     def __init__(self, config: "VarianceNetwork.Config"):
         super().__init__()
+        self.max_inv_s = config.max_inv_s
         self.variance = nn.Parameter(torch.tensor(config.init_val))
 
     def inv_s(self) -> torch.Tensor:
-        return torch.exp(self.variance * 10.0).clamp(1e-6, 1e6)  # []
+        return torch.exp(self.variance * 10.0).clamp(1e-6, self.max_inv_s)  # []
 
 
 def normalize(v: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,7 @@ def test_unknown_dataset_name_lists_registered_datasets(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(child)
     message = str(err.value)
-    assert "dataset.name" in message and "'blender'" in message and "valid names: dtu" in message
+    assert "dataset.name" in message and "'blender'" in message and "valid names: demo, dtu" in message
 
 
 def test_unknown_encoding_otype_lists_registered_encodings(tmp_path):

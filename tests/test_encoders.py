@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from encoder.frequency import Frequency, frequency_encoding
-from encoder.hashgrid import GridLevels, HashGrid, hash_grid_encode, level_layout
+from encoder.hashgrid import GridLevels, HashGrid, hash_grid_encode, level_layout, make_kernels
 from encoder.spherical import SphericalHarmonics, spherical_harmonics
 
 # --- hash grid: a slow, obviously-correct reference ----------------------------------------
@@ -56,18 +56,8 @@ def reference_encode(x, table, layout):
     return torch.stack(outputs)
 
 
-def grid_levels(n_levels, base_resolution, per_level_scale, log2_hashmap_size, dtype=torch.float64):
-    scales, resolutions, sizes, dense = level_layout(n_levels, base_resolution, per_level_scale, log2_hashmap_size)
-    offsets = [0]
-    for size in sizes[:-1]:
-        offsets.append(offsets[-1] + size)
-    return GridLevels(
-        torch.tensor(scales, dtype=dtype),
-        torch.tensor(resolutions),
-        torch.tensor(sizes),
-        torch.tensor(offsets),
-        torch.tensor(dense),
-    )
+def eager_kernels(n_levels, base_resolution, per_level_scale, log2_hashmap_size, compile=False):
+    return make_kernels(GridLevels.build(n_levels, base_resolution, per_level_scale, log2_hashmap_size), compile)
 
 
 # base 3, x2 per level, 2^9 rows: level 0 is 3^3 = 27 cells in a 32-row table (dense, and the
@@ -87,7 +77,7 @@ def small_grid():
     # corners of the unit cube and points exactly on grid vertices of level 0 (pos integer)
     x = torch.cat([x, torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.25, 0.75, 1.0], [1.0, 0.0, 0.5]],
                                    dtype=torch.float64)])
-    return layout, grid_levels(**SMALL), table, x
+    return layout, eager_kernels(**SMALL), table, x
 
 
 def test_level_layout_hand_worked_power_of_two():
@@ -123,17 +113,17 @@ def test_level_layout_matches_reference_rules():
 
 
 def test_hash_grid_values_match_reference(small_grid):
-    layout, levels, table, x = small_grid
-    torch.testing.assert_close(hash_grid_encode(x, table, levels), reference_encode(x, table, layout))
+    layout, kernels, table, x = small_grid
+    torch.testing.assert_close(hash_grid_encode(x, table, kernels), reference_encode(x, table, layout))
 
 
 def test_hash_grid_first_derivatives_match_reference(small_grid):
     """d/dx (positions) and d/dtable of <out, v> agree with autograd through the reference."""
-    layout, levels, table, x = small_grid
+    layout, kernels, table, x = small_grid
     v = torch.randn(x.shape[0], 8, dtype=torch.float64)
     x1, t1 = x.clone().requires_grad_(), table.clone().requires_grad_()
     x2, t2 = x.clone().requires_grad_(), table.clone().requires_grad_()
-    gx1, gt1 = torch.autograd.grad((hash_grid_encode(x1, t1, levels) * v).sum(), (x1, t1))
+    gx1, gt1 = torch.autograd.grad((hash_grid_encode(x1, t1, kernels) * v).sum(), (x1, t1))
     gx2, gt2 = torch.autograd.grad((reference_encode(x2, t2, layout) * v).sum(), (x2, t2))
     torch.testing.assert_close(gx1, gx2)
     torch.testing.assert_close(gt1, gt2)
@@ -143,11 +133,11 @@ def test_hash_grid_first_derivatives_match_reference(small_grid):
 def test_hash_grid_second_order_table_gradient_matches_reference(small_grid):
     """d/dtable and d/dv of <d<out, v>/dx, u>: the term the eikonal loss backpropagates
     (v plays the MLP's d sdf / d features, which also needs its gradient)."""
-    layout, levels, table, x = small_grid
+    layout, kernels, table, x = small_grid
     u = torch.randn(x.shape[0], 3, dtype=torch.float64)
     v0 = torch.randn(x.shape[0], 8, dtype=torch.float64)
     results = []
-    for encode in (lambda xx, tt: hash_grid_encode(xx, tt, levels), lambda xx, tt: reference_encode(xx, tt, layout)):
+    for encode in (lambda xx, tt: hash_grid_encode(xx, tt, kernels), lambda xx, tt: reference_encode(xx, tt, layout)):
         xx, tt, v = x.clone().requires_grad_(), table.clone().requires_grad_(), v0.clone().requires_grad_()
         (gx,) = torch.autograd.grad((encode(xx, tt) * v).sum(), xx, create_graph=True)
         results.append(torch.autograd.grad((gx * u).sum(), (tt, v)))
@@ -159,9 +149,9 @@ def test_hash_grid_second_order_table_gradient_matches_reference(small_grid):
 
 def test_hash_grid_table_gradient_spreads_unit_weight(small_grid):
     """Trilinear weights sum to 1: d(sum out)/dtable summed over rows is N per level and feature."""
-    layout, levels, table, x = small_grid
+    layout, kernels, table, x = small_grid
     t = table.clone().requires_grad_()
-    out = hash_grid_encode(x, t, levels)
+    out = hash_grid_encode(x, t, kernels)
     (gt,) = torch.autograd.grad(out.sum(), t)
     # each point puts total weight 1 per level and feature: sum over rows = N per column per level
     torch.testing.assert_close(gt.sum(0), torch.full((2,), 4.0 * x.shape[0], dtype=torch.float64))
@@ -196,8 +186,7 @@ def test_band_mask_zeroes_inactive_levels_and_their_gradients():
     with torch.no_grad():
         grid.table.normal_()
     x = torch.rand(64, 3)
-    levels = grid_levels(**SMALL, dtype=torch.float32)
-    full = hash_grid_encode(x, grid.table.detach(), levels)  # [64, 8], all 4 levels
+    full = hash_grid_encode(x, grid.table.detach(), eager_kernels(**SMALL))  # [64, 8], all 4 levels
     grid.update_step(15)  # 3 active levels
     out = grid(x)
     assert out.shape == (64, 8)
@@ -213,7 +202,7 @@ def test_hashgrid_module_table_and_buffers():
     grid = make_hashgrid()
     assert grid.table.shape == (1272, 2)
     assert grid.table.abs().max() <= 1e-4
-    assert grid.offsets.tolist() == [0, 32, 248, 760]
+    assert grid.levels.offsets == (0, 32, 248, 760)
     assert set(grid.state_dict()) == {"table", "current_level"}
 
 
@@ -285,3 +274,32 @@ def test_frequency_module_output_width():
     assert module(torch.rand(4, 3)).shape == (4, 21)
     module = Frequency(Frequency.Config(n_frequencies=2, include_input=False), 3)
     assert module.n_output_dims == 12 and module(torch.rand(4, 3)).shape == (4, 12)
+
+
+def test_compiled_kernels_match_eager_values_and_gradients(small_grid):
+    """The torch.compile'd kernels (the fast CPU path) against the eager reference: values,
+    first derivatives in x and table, and the second-order table term, in float32 with a
+    float32 table of 2 features (the gather moves them as one 8-byte word)."""
+    _, _, table64, x64 = small_grid
+    table0, x0 = table64.float()[:, :2].contiguous(), x64.float()
+    u = torch.randn(x0.shape[0], 3)
+    v = torch.randn(x0.shape[0], 8)
+    results = []
+    for compile in (False, True):
+        kernels = eager_kernels(**SMALL, compile=compile)
+        x, table = x0.clone().requires_grad_(), table0.clone().requires_grad_()
+        out = hash_grid_encode(x, table, kernels)
+        (gx,) = torch.autograd.grad((out * v).sum(), x, create_graph=True)
+        (gt,) = torch.autograd.grad((out * v).sum() + (gx * u).sum(), table)
+        results.append((out.detach(), gx.detach(), gt))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_hash_grid_of_no_points_is_empty(small_grid):
+    """A chunk without samples (a view of empty space) encodes to [0, L * F], with and without grad."""
+    _, kernels, table, _ = small_grid
+    x = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    assert hash_grid_encode(x, table, kernels).shape == (0, 8)
+    with torch.no_grad():
+        assert hash_grid_encode(x, table, kernels).shape == (0, 8)

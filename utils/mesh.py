@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import trimesh
 
-from utils.camera import project
+from utils.camera import downscale_matrix, project
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +132,28 @@ def save_mesh(
     return paths
 
 
-def rasterize_silhouette(vertices_world: np.ndarray, faces: np.ndarray, world_mat: np.ndarray, size) -> np.ndarray:
-    """Filled projection of the mesh: bool [H, W] for size (W, H)."""
+def rasterize_silhouette(
+    vertices_world: np.ndarray, faces: np.ndarray, world_mat: np.ndarray, size, supersample: int = 5
+) -> np.ndarray:
+    """Which pixel centres the mesh covers: bool [H, W] for size (W, H).
+
+    Triangles are filled on a grid `supersample` (odd) times finer and read back at the
+    fine pixel that holds each pixel centre, so the rasteriser's edge pixels widen the
+    silhouette by 1/supersample of a pixel at most rather than by one pixel."""
     w, h = size
-    image = np.zeros((h, w), np.uint8)
     if len(faces) == 0:
-        return image > 0
-    uv, depth = project(vertices_world, world_mat)
+        return np.zeros((h, w), dtype=bool)
+    fine_mat = np.linalg.inv(downscale_matrix(supersample)) @ world_mat[:3, :4]
+    image = np.zeros((h * supersample, w * supersample), np.uint8)
+    uv, depth = project(vertices_world, fine_mat)
     tris = faces[(depth[faces] > 0).all(axis=1)]
     shift = 4  # sub-pixel precision: coordinates in 1/16 pixel
     pts = np.round(uv[tris] * (1 << shift)).astype(np.int32)  # [F, 3, 2]
     # one call per triangle: fillPoly on many polygons uses the even-odd rule, so overlaps would be holes
     for tri in pts:
         cv2.fillConvexPoly(image, tri, 1, lineType=cv2.LINE_8, shift=shift)
-    return image > 0
+    centre = (supersample - 1) // 2
+    return image[centre::supersample, centre::supersample] > 0
 
 
 def silhouette_iou(

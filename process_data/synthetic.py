@@ -1,0 +1,511 @@
+"""The built-in demo scene: a textured analytic object rendered into the NeuS format.
+
+The object is a smooth union of four primitives, given as an exact(ish) signed distance
+function in the NORMALISED frame (z up, everything inside radius ~0.72):
+
+    base     rounded box, half extents (0.50, 0.38, 0.10), corner radius 0.06, centre (0, 0, -0.33)
+    sphere   radius 0.27 at (-0.22, 0.06, 0.03), resting on the base
+    torus    ring radius 0.19, tube radius 0.065, standing upright on the base at (0.27, -0.10, -0.02),
+             its plane turned 35 degrees about z
+    capsule  radius 0.075 from (0.36, 0.24, -0.23) to (0.22, 0.26, 0.38), a leaning pillar
+
+joined with a polynomial smooth-min (k = 0.04), so small fillets form where they touch. The
+albedo is procedural and has texture at several scales: a per-primitive base colour, a
+slow colour drift, a soft 3D checker (cells 0.12), fine stripes (period 0.06), three
+octaves of value noise and sparse light and dark spots (noise and spots drawn from `seed`).
+Shading is Lambertian with one directional light from above plus ambient, no shadows, on a
+white background, so the scene is photo-consistent and has SIFT features all over the object.
+
+The WORLD frame is not the normalised one: the object centre sits at (12, -7, 30) world units
+with scale 80 (world units read as millimetres, like DTU):
+X_world = scale_mat @ X_normalised, scale_mat = [[80, 0, 0, 12], [0, 80, 0, -7], [0, 0, 80, 30], [0, 0, 0, 1]].
+
+Cameras (pinhole, OpenCV axes: x right, y down, z forward; integer pixel coordinates are pixel
+centres, principal point at the image centre ((W-1)/2, (H-1)/2)) lie at distance 2.7 normalised
+units on a spiral: elevation from -10 to 60 degrees, azimuth stepping by the golden angle, all
+looking at the centre with world +z up in the image; horizontal field of view 44 degrees.
+
+Written to out_dir:
+
+    image/000000.png ...     RGB 8-bit renders, one per view
+    mask/000.png ...         object masks (hit test of the pixel-centre ray), 0/255, 3 channels like DTU's
+    cameras_sphere.npz       per view i: world_mat_i = K [R | t] (4x4, world frame), scale_mat_i,
+                             camera_mat_i (K as 4x4), and the inverses world_mat_inv_i,
+                             scale_mat_inv_i, camera_mat_inv_i (the keys NeuS writes)
+    gt_mesh.ply              ground-truth surface (marching cubes of the analytic SDF, 256^3 over
+                             [-1, 1]^3), in the WORLD frame, faces wound outwards
+    scene.json               parameters, world frame, object radius in world units, a description;
+                             written last, it marks the scene as complete
+
+Load it with process_data.dtu.load_neus_scene(out_dir, "cameras_sphere.npz", 1.0, use_masks=True).
+
+CLI: python -m process_data.synthetic --out inputs/demo_scene [--n_views 48 --width 400 --height 300 --overwrite]
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import time
+from typing import Dict, Tuple
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import trimesh
+from tqdm import tqdm
+
+from utils.mesh import marching_cubes, sdf_on_grid, to_world
+
+GENERATOR = "process_data.synthetic"
+VERSION = 1  # bump when the scene or its rendering changes: existing scenes are then re-rendered
+
+WORLD_CENTER = np.array([12.0, -7.0, 30.0])
+WORLD_SCALE = 80.0
+CAMERA_DISTANCE = 2.7  # normalised units
+FOV_X_DEG = 44.0
+ELEVATION_RANGE_DEG = (-10.0, 60.0)
+BOUND_RADIUS = 0.8  # the object lies inside this sphere (normalised frame); rays start on it
+MESH_RESOLUTION = 256
+BACKGROUND = 1.0  # white
+
+# geometry (normalised frame, z up)
+BASE_CENTER, BASE_HALF, BASE_ROUND = (0.0, 0.0, -0.33), (0.50, 0.38, 0.10), 0.06
+SPHERE_CENTER, SPHERE_RADIUS = (-0.22, 0.06, 0.03), 0.27
+TORUS_CENTER, TORUS_R, TORUS_r, TORUS_TURN_DEG = (0.27, -0.10, -0.02), 0.19, 0.065, 35.0
+CAPSULE_A, CAPSULE_B, CAPSULE_RADIUS = (0.36, 0.24, -0.23), (0.22, 0.26, 0.38), 0.075
+SMOOTH_K = 0.04
+# shading
+LIGHT_DIR = np.array([0.45, -0.35, 1.0]) / np.linalg.norm([0.45, -0.35, 1.0])
+AMBIENT, DIFFUSE = 0.35, 0.65
+PART_COLORS = ((0.82, 0.60, 0.38), (0.30, 0.50, 0.88), (0.88, 0.34, 0.28), (0.36, 0.76, 0.42))
+
+DESCRIPTION = (
+    "A rounded box plinth carrying a sphere, an upright torus and a leaning capsule (smooth union), "
+    "textured with a colour drift, a soft checker, fine stripes, value noise and spots, Lambertian-shaded "
+    "under one directional light plus ambient on a white background, seen by cameras on a spiral "
+    "from -10 to 60 degrees elevation."
+)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+_C = {
+    "base_c": _t(BASE_CENTER),
+    "base_b": _t(BASE_HALF) - BASE_ROUND,
+    "sph_c": _t(SPHERE_CENTER),
+    "tor_c": _t(TORUS_CENTER),
+    "cap_a": _t(CAPSULE_A),
+    "cap_ba": _t(CAPSULE_B) - _t(CAPSULE_A),
+}
+_TURN = math.radians(TORUS_TURN_DEG)
+_COS, _SIN = math.cos(_TURN), math.sin(_TURN)
+
+
+def _smin(a: torch.Tensor, b: torch.Tensor, k: float) -> torch.Tensor:
+    """Polynomial smooth minimum (a lower bound of min within k of the seam)."""
+    h = (0.5 + 0.5 * (b - a) / k).clamp(0.0, 1.0)
+    return b + (a - b) * h - k * h * (1.0 - h)
+
+
+def sdf_parts(p: torch.Tensor) -> torch.Tensor:
+    """Signed distances of the four primitives: p [n, 3] normalised frame -> [n, 4]
+    (base, sphere, torus, capsule), negative inside."""
+    # rounded box
+    q = (p - _C["base_c"]).abs() - _C["base_b"]
+    base = q.clamp(min=0.0).norm(dim=-1) + q.max(dim=-1).values.clamp(max=0.0) - BASE_ROUND
+    # sphere
+    sphere = (p - _C["sph_c"]).norm(dim=-1) - SPHERE_RADIUS
+    # torus: ring in the local x-z plane (upright), turned about z
+    d = p - _C["tor_c"]
+    lx = _COS * d[:, 0] + _SIN * d[:, 1]
+    ly = -_SIN * d[:, 0] + _COS * d[:, 1]
+    ring = torch.sqrt(lx * lx + d[:, 2] * d[:, 2]) - TORUS_R
+    torus = torch.sqrt(ring * ring + ly * ly) - TORUS_r
+    # capsule
+    pa = p - _C["cap_a"]
+    ba = _C["cap_ba"]
+    h = ((pa @ ba) / (ba @ ba)).clamp(0.0, 1.0)
+    capsule = (pa - h[:, None] * ba).norm(dim=-1) - CAPSULE_RADIUS
+    return torch.stack([base, sphere, torus, capsule], dim=-1)
+
+
+def scene_sdf(p: torch.Tensor) -> torch.Tensor:
+    """Signed distance of the object: p [n, 3] normalised frame -> [n] (negative inside)."""
+    parts = sdf_parts(p)
+    d = _smin(parts[:, 0], parts[:, 1], SMOOTH_K)
+    d = _smin(d, parts[:, 2], SMOOTH_K)
+    return _smin(d, parts[:, 3], SMOOTH_K)
+
+
+def sdf_normals(p: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:
+    """Unit outward normals by central differences of scene_sdf: p [n, 3] -> [n, 3]."""
+    offsets = torch.eye(3, dtype=p.dtype) * eps  # [3, 3]
+    probe = torch.cat([p[:, None] + offsets, p[:, None] - offsets], dim=1)  # [n, 6, 3]
+    values = scene_sdf(probe.reshape(-1, 3)).view(-1, 6)
+    grad = values[:, :3] - values[:, 3:]
+    return grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+# ----------------------------------------------------------------------------- texture
+
+
+class Albedo:
+    """Procedural albedo with texture at several scales; `seed` draws the value-noise lattice
+    and the phases of the colour drift."""
+
+    def __init__(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(256, generator=g)  # [256] int64
+        self.values = torch.rand(256, generator=g)  # [256]
+        self.phase = torch.rand(3, generator=g) * 2 * math.pi  # [3]
+        self.drift = F.normalize(torch.randn(3, 3, generator=g), dim=-1)  # [3 channels, 3]
+        self.colors = _t(PART_COLORS)  # [4, 3]
+
+    def _lattice(self, i: torch.Tensor) -> torch.Tensor:
+        """Pseudo-random value in [0, 1) per integer lattice point: i [n, 3] int64 -> [n]"""
+        h = self.perm[i[:, 0] & 255]
+        h = self.perm[(h + i[:, 1]) & 255]
+        h = self.perm[(h + i[:, 2]) & 255]
+        return self.values[h]
+
+    def value_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Trilinear value noise with smoothstep weights, x [n, 3] (lattice units) -> [n] in [0, 1]."""
+        cell = torch.floor(x)
+        f = x - cell
+        w = f * f * (3.0 - 2.0 * f)  # [n, 3]
+        i = cell.long()
+        out = torch.zeros(x.shape[0], dtype=x.dtype)
+        for corner in range(8):
+            o = torch.tensor([(corner >> 0) & 1, (corner >> 1) & 1, (corner >> 2) & 1])
+            weight = torch.where(o.bool(), w, 1.0 - w).prod(dim=-1)
+            out = out + weight * self._lattice(i + o)
+        return out
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        """p [n, 3] surface points (normalised frame) -> albedo [n, 3] in [0, 1]."""
+        part = sdf_parts(p).argmin(dim=-1)  # which primitive the point belongs to
+        color = self.colors[part]  # [n, 3]
+        # slow colour drift (scale ~0.5)
+        color = color * (0.78 + 0.22 * torch.sin(4.0 * (p @ self.drift.T) + self.phase))
+        # soft 3D checker (cells 0.12): tanh keeps the edges band-limited
+        s = torch.sin(p * (math.pi / 0.12)).prod(dim=-1)
+        color = color * (0.82 + 0.18 * torch.tanh(12.0 * s))[:, None]
+        # fine stripes (period 0.06) along a slanted axis
+        stripes = torch.sin(p @ _t([0.62, -0.48, 0.62]) * (2 * math.pi / 0.06))
+        color = color * (0.9 + 0.1 * stripes)[:, None]
+        # value noise, three octaves (periods ~0.17, 0.07, 0.03)
+        n = 0.5 * self.value_noise(p * 6.0 + 11.0) + 0.3 * self.value_noise(p * 14.0 + 37.0)
+        n = n + 0.2 * self.value_noise(p * 32.0 + 71.0)
+        color = color * (0.45 + 1.1 * n)[:, None]
+        # sparse spots with crisp (but band-limited) edges: blob features for SIFT
+        spots = self.value_noise(p * 20.0 + 5.0)
+        light = ((spots - 0.78) / 0.04).clamp(0.0, 1.0)
+        dark = ((0.22 - spots) / 0.04).clamp(0.0, 1.0)
+        color = color + light[:, None] * (0.95 - color) * 0.8 - dark[:, None] * color * 0.75
+        return color.clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- cameras
+
+
+def camera_poses(n_views: int) -> np.ndarray:
+    """Cameras on a spiral around the object, looking at the centre: -> c2w [n, 3, 4] in
+    the normalised frame (OpenCV axes; world +z points up in the image)."""
+    c2ws = []
+    golden = math.pi * (3.0 - math.sqrt(5.0))
+    lo, hi = np.radians(ELEVATION_RANGE_DEG)
+    for i in range(n_views):
+        elevation = lo + (hi - lo) * (i / max(n_views - 1, 1))
+        azimuth = i * golden
+        center = CAMERA_DISTANCE * np.array(
+            [math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth), math.sin(elevation)]
+        )
+        forward = -center / np.linalg.norm(center)
+        right = np.cross(forward, [0.0, 0.0, 1.0])
+        right /= np.linalg.norm(right)
+        down = np.cross(forward, right)
+        c2w = np.zeros((3, 4))
+        c2w[:, 0], c2w[:, 1], c2w[:, 2], c2w[:, 3] = right, down, forward, center
+        c2ws.append(c2w)
+    return np.stack(c2ws)
+
+
+def intrinsics(width: int, height: int) -> np.ndarray:
+    """K [3, 3]: square pixels, horizontal field of view FOV_X_DEG, principal point at the
+    image centre in pixel-centre coordinates."""
+    f = 0.5 * width / math.tan(math.radians(FOV_X_DEG) / 2)
+    return np.array([[f, 0.0, (width - 1) / 2], [0.0, f, (height - 1) / 2], [0.0, 0.0, 1.0]])
+
+
+def scale_matrix() -> np.ndarray:
+    """scale_mat [4, 4]: X_world = scale_mat @ X_normalised."""
+    m = np.eye(4) * WORLD_SCALE
+    m[:3, 3] = WORLD_CENTER
+    m[3, 3] = 1.0
+    return m
+
+
+def world_projection(K: np.ndarray, c2w: np.ndarray, scale_mat: np.ndarray) -> np.ndarray:
+    """world_mat [4, 4] = K [R | t] for WORLD points, from K [3, 3] and a normalised-frame
+    pose c2w [3, 4]; world_mat @ scale_mat projects normalised points."""
+    R = c2w[:, :3].T  # world-to-camera rotation (scale_mat has no rotation)
+    center_world = (scale_mat @ np.append(c2w[:, 3], 1.0))[:3]
+    P = np.eye(4)
+    P[:3, :4] = K @ np.concatenate([R, -(R @ center_world)[:, None]], axis=1)
+    return P
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+@torch.no_grad()
+def sphere_trace(
+    origin: torch.Tensor, dirs: torch.Tensor, max_steps: int = 96, eps: float = 1e-4
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First surface hit along rays from one origin [3] with unit directions dirs [n, 3]
+    (normalised frame) -> hit [n] bool, t [n]. Rays start where they enter the bounding
+    sphere; those that leave it, or are converged, drop out of the batch."""
+    n = dirs.shape[0]
+    hit = torch.zeros(n, dtype=torch.bool)
+    t_out = torch.zeros(n)
+    b = dirs @ origin  # [n]
+    disc = b * b - (origin @ origin - BOUND_RADIUS**2)
+    idx = torch.nonzero(disc > 0)[:, 0]
+    root = disc[idx].sqrt()
+    t = (-b[idx] - root).clamp(min=0.0)
+    t_far = -b[idx] + root
+    d = dirs[idx]
+    s = torch.full_like(t, float("inf"))
+    for _ in range(max_steps):
+        if idx.numel() == 0:
+            break
+        s = scene_sdf(origin + t[:, None] * d)
+        done_hit = s.abs() < eps
+        t = t + s
+        done = done_hit | (t > t_far)
+        if done.any():
+            hit[idx[done_hit]] = True
+            t_out[idx[done_hit]] = t[done_hit] - s[done_hit]
+            keep = ~done
+            idx, t, t_far, d, s = idx[keep], t[keep], t_far[keep], d[keep], s[keep]
+    # rays still marching: grazing the surface slowly; accept those already very close
+    close = s.abs() < 20 * eps
+    hit[idx[close]] = True
+    t_out[idx[close]] = t[close] - s[close]
+    return hit, t_out
+
+
+@torch.no_grad()
+def shade(origin: torch.Tensor, dirs: torch.Tensor, albedo: Albedo) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Colour of rays from origin [3] along dirs [n, 3] -> rgb [n, 3] in [0, 1] (white where
+    they miss), hit [n] bool."""
+    hit, t = sphere_trace(origin, dirs)
+    rgb = torch.full((dirs.shape[0], 3), BACKGROUND)
+    if hit.any():
+        p = origin + t[hit, None] * dirs[hit]
+        normal = sdf_normals(p)
+        lambert = (normal @ _t(LIGHT_DIR)).clamp(min=0.0)
+        rgb[hit] = albedo(p) * (AMBIENT + DIFFUSE * lambert)[:, None]
+    return rgb.clamp(0.0, 1.0), hit
+
+
+def _ray_dirs(u: torch.Tensor, v: torch.Tensor, K: np.ndarray, c2w: np.ndarray) -> torch.Tensor:
+    """Unit directions (normalised frame) through pixel coordinates u, v [n] -> [n, 3]."""
+    x = (u - float(K[0, 2])) / float(K[0, 0])
+    y = (v - float(K[1, 2])) / float(K[1, 1])
+    d = torch.stack([x, y, torch.ones_like(x)], dim=-1) @ _t(c2w[:, :3]).T
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+# rotated-grid 2x2 supersampling pattern (pixel units around the pixel centre)
+_SUBSAMPLES = ((0.125, -0.375), (0.375, 0.125), (-0.125, 0.375), (-0.375, -0.125))
+
+
+@torch.no_grad()
+def render_view(
+    K: np.ndarray, c2w: np.ndarray, width: int, height: int, albedo: Albedo
+) -> Tuple[np.ndarray, np.ndarray]:
+    """One view: K [3, 3], c2w [3, 4] (normalised frame) -> image [H, W, 3] uint8 RGB,
+    mask [H, W] bool (the pixel-centre ray hits the object).
+
+    Every pixel centre is traced; pixels whose 3x3 neighbourhood has an edge (a mask change or
+    a colour step > 0.06) are re-rendered as the mean of 2x2 rotated-grid subsamples."""
+    rows, cols = torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32)
+    v, u = torch.meshgrid(rows, cols, indexing="ij")
+    u, v = u.reshape(-1), v.reshape(-1)
+    origin = _t(c2w[:, 3])
+    rgb, hit = shade(origin, _ray_dirs(u, v, K, c2w), albedo)
+    image = rgb.view(height, width, 3).permute(2, 0, 1)[None]  # [1, 3, H, W]
+    mask = hit.view(height, width)
+    both = torch.cat([image, mask[None, None].float()], dim=1)
+    spread = F.max_pool2d(both, 3, 1, 1) + F.max_pool2d(-both, 3, 1, 1)  # max - min over 3x3
+    edge = (spread[0, :3].amax(dim=0) > 0.06) | (spread[0, 3] > 0)
+    sel = torch.nonzero(edge.reshape(-1))[:, 0]
+    if sel.numel():
+        us = torch.cat([u[sel] + du for du, _ in _SUBSAMPLES])
+        vs = torch.cat([v[sel] + dv for _, dv in _SUBSAMPLES])
+        sub, _ = shade(origin, _ray_dirs(us, vs, K, c2w), albedo)
+        rgb[sel] = sub.view(len(_SUBSAMPLES), -1, 3).mean(dim=0)
+    image = (rgb.view(height, width, 3) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+    return image, mask.numpy()
+
+
+# ----------------------------------------------------------------------------- scene files
+
+
+def ground_truth_mesh(resolution: int = MESH_RESOLUTION) -> Tuple[np.ndarray, np.ndarray]:
+    """Marching cubes of scene_sdf over [-1, 1]^3 -> vertices [V, 3] (normalised frame),
+    faces [F, 3] wound so that normals point outwards."""
+    box = np.array([[-1.0] * 3, [1.0] * 3])
+    values, voxel = sdf_on_grid(scene_sdf, box, resolution, chunk=1 << 18, device="cpu")
+    return marching_cubes(values, box[0], voxel, 0.0)
+
+
+def _params(n_views: int, width: int, height: int, seed: int) -> Dict:
+    return {"n_views": int(n_views), "width": int(width), "height": int(height), "seed": int(seed)}
+
+
+def _read_marker(out_dir: str):
+    try:
+        with open(os.path.join(out_dir, "scene.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, content: Dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(tmp, path)
+
+
+def make_demo_scene(
+    out_dir: str, n_views: int = 48, width: int = 400, height: int = 300, seed: int = 0, overwrite: bool = False
+) -> str:
+    """Render the demo scene into out_dir in the NeuS format (see the module docstring) and
+    return out_dir.
+
+    A complete scene already there with the same parameters (and generator version) is kept
+    as it is unless overwrite; one with other parameters is replaced. A folder holding other
+    data (image/, mask/ or cameras_sphere.npz without this generator's scene.json) is left
+    alone with FileExistsError unless overwrite.
+    Images are [height, width] RGB; n_views views; seed draws the texture noise."""
+    if n_views < 1 or width < 8 or height < 8:
+        raise ValueError(f"need n_views >= 1 and an image of at least 8x8, got {n_views} views of {width}x{height}")
+    params = _params(n_views, width, height, seed)
+    marker = _read_marker(out_dir)
+    ours = isinstance(marker, dict) and marker.get("generator") == GENERATOR
+    if (
+        not overwrite
+        and ours
+        and marker.get("complete")
+        and marker.get("version") == VERSION
+        and marker.get("params") == params
+        and all(os.path.isfile(os.path.join(out_dir, f)) for f in ("cameras_sphere.npz", "gt_mesh.ply"))
+    ):
+        return out_dir
+    if not ours and not overwrite:
+        names = ("image", "images", "mask", "cameras_sphere.npz")
+        foreign = [f for f in names if os.path.exists(os.path.join(out_dir, f))]
+        if foreign:
+            raise FileExistsError(
+                f"{out_dir} holds {', '.join(foreign)} but no demo-scene scene.json; "
+                "pick another folder or pass overwrite=True (--overwrite) to replace it"
+            )
+
+    threads = torch.get_num_threads()
+    # one thread: the batches shrink to a few thousand rays as they converge, where OpenMP
+    # barriers cost more than they give (and stall badly on a busy machine)
+    torch.set_num_threads(1)
+    try:
+        _render_scene(out_dir, params)
+    finally:
+        torch.set_num_threads(threads)
+    return out_dir
+
+
+def _render_scene(out_dir: str, params: Dict) -> None:
+    """Write all the files of make_demo_scene (scene.json last)."""
+    n_views, width, height, seed = params["n_views"], params["width"], params["height"], params["seed"]
+    start = time.time()
+    image_dir, mask_dir = os.path.join(out_dir, "image"), os.path.join(out_dir, "mask")
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(mask_dir, exist_ok=True)
+    # incomplete until the end: a crash leaves a scene that the next call re-renders
+    _write_json(os.path.join(out_dir, "scene.json"), {"generator": GENERATOR, "version": VERSION, "complete": False})
+    for folder in (image_dir, mask_dir):  # stale views of an earlier scene would be loaded too
+        for path in glob.glob(os.path.join(folder, "*.png")):
+            os.remove(path)
+
+    K = intrinsics(width, height)
+    c2ws = camera_poses(n_views)
+    scale_mat = scale_matrix()
+    albedo = Albedo(seed)
+    image_digits, mask_digits = max(6, len(str(n_views - 1))), max(3, len(str(n_views - 1)))
+    cameras = {}
+    camera_mat = np.eye(4)
+    camera_mat[:3, :3] = K
+    for i in tqdm(range(n_views), desc="rendering demo scene", unit="view"):
+        image, mask = render_view(K, c2ws[i], width, height, albedo)
+        cv2.imwrite(os.path.join(image_dir, f"{i:0{image_digits}d}.png"), image[:, :, ::-1])
+        mask_u8 = np.repeat(mask[:, :, None].astype(np.uint8) * 255, 3, axis=2)
+        cv2.imwrite(os.path.join(mask_dir, f"{i:0{mask_digits}d}.png"), mask_u8)
+        world_mat = world_projection(K, c2ws[i], scale_mat)
+        cameras[f"world_mat_{i}"] = world_mat
+        cameras[f"world_mat_inv_{i}"] = np.linalg.inv(world_mat)
+        cameras[f"scale_mat_{i}"] = scale_mat
+        cameras[f"scale_mat_inv_{i}"] = np.linalg.inv(scale_mat)
+        cameras[f"camera_mat_{i}"] = camera_mat
+        cameras[f"camera_mat_inv_{i}"] = np.linalg.inv(camera_mat)
+    np.savez(os.path.join(out_dir, "cameras_sphere.npz"), **cameras)
+
+    vertices, faces = ground_truth_mesh()
+    radius = float(np.linalg.norm(vertices, axis=1).max())
+    trimesh.Trimesh(vertices=to_world(vertices, scale_mat), faces=faces, process=False).export(
+        os.path.join(out_dir, "gt_mesh.ply")
+    )
+    _write_json(
+        os.path.join(out_dir, "scene.json"),
+        {
+            "generator": GENERATOR,
+            "version": VERSION,
+            "complete": True,
+            "params": params,
+            "description": DESCRIPTION,
+            "object_center_world": WORLD_CENTER.tolist(),
+            "world_scale": WORLD_SCALE,
+            "object_radius_normalised": radius,
+            "object_radius_world": radius * WORLD_SCALE,
+            "camera_distance_normalised": CAMERA_DISTANCE,
+            "fov_x_deg": FOV_X_DEG,
+            "elevation_range_deg": list(ELEVATION_RANGE_DEG),
+            "light_direction_normalised": LIGHT_DIR.tolist(),
+            "render_seconds": round(time.time() - start, 2),
+        },
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Render the built-in demo scene in the NeuS format.")
+    parser.add_argument("--out", default="inputs/demo_scene", help="output folder")
+    parser.add_argument("--n_views", type=int, default=48)
+    parser.add_argument("--width", type=int, default=400)
+    parser.add_argument("--height", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="re-render even if the scene is already there")
+    args = parser.parse_args(argv)
+    start = time.time()
+    out = make_demo_scene(args.out, args.n_views, args.width, args.height, args.seed, args.overwrite)
+    print(f"demo scene in {out} ({time.time() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
