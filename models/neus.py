@@ -50,7 +50,8 @@ class NeuSModel(Configurable, nn.Module):
         self.texture = ColorNetwork(config.texture, config.geometry.feature_dim, device)
         self.variance = VarianceNetwork(config.variance)
         self.occupancy = OccupancyGrid(config.sampler, config.radius, device)
-        self.cos_anneal_ratio = 1.0
+        # state of the schedules, saved with the model so that renders after a reload match
+        self.register_buffer("cos_anneal_ratio", torch.tensor(1.0))
 
     def parameter_groups(self) -> Dict[str, list]:
         return {
@@ -59,13 +60,15 @@ class NeuSModel(Configurable, nn.Module):
             "variance": list(self.variance.parameters()),
         }
 
-    def update_step(self, global_step: int) -> None:
-        """Schedules that follow the step: cos annealing, hash-grid levels, occupancy grid."""
+    def set_step(self, global_step: int) -> None:
+        """Schedules that follow the training step: cos annealing and hash-grid levels."""
         steps = self.config.cos_anneal_steps
-        self.cos_anneal_ratio = 1.0 if steps <= 0 else min(1.0, global_step / steps)
+        self.cos_anneal_ratio.fill_(1.0 if steps <= 0 else min(1.0, global_step / steps))
         self.geometry.update_step(global_step)
-        if self.training:
-            self.occupancy.update(global_step, self.occupancy_alpha)
+
+    def update_occupancy(self, global_step: int) -> None:
+        """The occupancy grid's periodic EMA update (training only)."""
+        self.occupancy.update(global_step, self.occupancy_alpha)
 
     @torch.no_grad()
     def occupancy_alpha(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ which ray each sample belongs to, `t_starts / t_ends [n_samples]` bound it along
 Empty space costs nothing. These are the plain-torch versions of nerfacc's packed ops and
 run on every device; nerfacc's CUDA kernels are the fast path on GPU.
 """
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 
@@ -15,7 +15,7 @@ def neus_alpha(
     cos: torch.Tensor,
     dists: torch.Tensor,
     inv_s: torch.Tensor,
-    cos_anneal_ratio: float = 1.0,
+    cos_anneal_ratio: Union[float, torch.Tensor] = 1.0,
 ) -> torch.Tensor:
     """Discrete NeuS opacity of a sample (Wang et al. 2021, eq. 13).
 

@@ -53,7 +53,8 @@ class NeuSSystem(BaseSystem):
     # --- training -----------------------------------------------------------------------
     def train_step(self, step: int) -> Dict[str, float]:
         self.model.train()
-        self.model.update_step(step)
+        self.model.set_step(step)
+        self.model.update_occupancy(step)
         batch = self.dataset.sample_rays(self.train_num_rays)
         out = self.model(batch["rays_o"], batch["rays_d"], batch["background"])
         losses = neus_losses(self.config.loss, out, batch)

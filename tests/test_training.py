@@ -132,6 +132,24 @@ def test_resume_continues_exactly(cached_scene, tmp_path):
     assert not torch.equal(straight.model.occupancy.binaries, binaries_at_save)
 
 
+def test_renders_after_reload_match(cached_scene, tmp_path):
+    """A reloaded model renders exactly as the trained one did (the schedules' state, cos
+    annealing and hash-grid level, comes back with it): what --test and --mesh rely on."""
+    system = build_system(cached_scene, tmp_path, "model.cos_anneal_steps=40")
+    run_steps(system, 8)
+    assert 0 < system.model.cos_anneal_ratio.item() < 1
+    rays = system.dataset.view_rays(0)
+    pick = torch.arange(0, rays["rays_o"].shape[0], 97)
+    rays = {k: v[pick] for k, v in rays.items()}
+    before = system.render_image(rays, 1, pick.shape[0])
+    path = system.save()
+    reloaded = build_system(cached_scene, tmp_path, "model.cos_anneal_steps=40")
+    reloaded.load(path)
+    after = reloaded.render_image(rays, 1, pick.shape[0])
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
+
+
 def test_checkpoint_loads_weights_only(cached_scene, tmp_path):
     """A checkpoint holds only tensors and plain values: torch.load(weights_only=True) reads it,
     with step, model, optimizer, scheduler, rng, config and the ray count."""
