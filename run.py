@@ -4,11 +4,14 @@
     python run.py --config FILE --train --resume outputs/<name>/<trial>/ckpt/ckpt_002000.pth
     python run.py --config FILE --test --resume CKPT      # held-out metrics, video, mesh
     python run.py --config FILE --mesh --resume CKPT      # coloured mesh only
+    (--resume takes a checkpoint, a trial folder or `last`; --test / --mesh default to `last`)
 """
 import argparse
 import logging
 import os
+import shlex
 import shutil
+import signal
 import sys
 from datetime import datetime
 
@@ -21,7 +24,11 @@ SOURCE_DIRS = ("confs", "encoder", "models", "process_data", "systems", "utils")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--resume", default=None, help="checkpoint to continue from (or to test / mesh)")
+    parser.add_argument(
+        "--resume", default=None,
+        help="checkpoint to continue from (or to test / mesh): a ckpt file, a trial folder (its newest "
+             "loadable checkpoint) or 'last' (the newest trial of this config's name under --outputs_dir)",
+    )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true")
     mode.add_argument("--test", action="store_true")
@@ -51,53 +58,78 @@ def snapshot_code(code_dir: str) -> None:
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     sys.path.insert(0, PROJECT_DIR)
+    from process_data.dtu import DatasetError
     from systems import SYSTEMS, RunPaths
+    from systems.base import TrainingDiverged, TrainingInterrupted
+    from utils.checkpoint import CheckpointError, resolve_resume
     from utils.config import ConfigError, load_config, load_yaml_chain, parse_overrides
     from utils.logger import setup_logging
     from utils.misc import resolve_device, seed_everything
 
+    # everything that can be wrong with the config, the data or the checkpoint fails here,
+    # before anything is written
+    setup_logging(None)
     try:
         config = load_config(args.config, overrides)
+        runs_dir = os.path.join(args.outputs_dir, config.name)
+        resume = args.resume
+        if resume is None and (args.test or args.mesh):
+            resume = "last"
+        try:
+            checkpoint = resolve_resume(resume, runs_dir) if resume is not None else None
+        except CheckpointError as e:
+            if args.resume is None:
+                raise CheckpointError(f"--test and --mesh need a trained run: {e}; train first or pass --resume CKPT")
+            raise
+        if checkpoint is not None:
+            trial_dir = trial_dir_of(checkpoint)
+        else:
+            trial_dir = os.path.join(runs_dir, f"{config.tag}@{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        logs_dir = os.path.join(args.logs_dir, config.name, os.path.basename(trial_dir)) if args.logs_dir else None
+        paths = RunPaths.for_trial(trial_dir, logs_dir)
+        seed_everything(config.seed)
+        device = resolve_device(config.device)
+        system = SYSTEMS.get(config.system.name)(config, paths, device)
+        if checkpoint is not None:
+            system.load(checkpoint)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if (args.test or args.mesh) and args.resume is None:
-        print("--test and --mesh need --resume CKPT (a checkpoint of a trained run)", file=sys.stderr)
+    except DatasetError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
-    if args.resume is not None and not os.path.isfile(args.resume):
-        print(f"--resume {args.resume}: no such checkpoint file", file=sys.stderr)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
 
-    if args.resume is not None:
-        trial_dir = trial_dir_of(args.resume)
-    else:
-        trial = f"{config.tag}@{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        trial_dir = os.path.join(args.outputs_dir, config.name, trial)
-    logs_dir = os.path.join(args.logs_dir, config.name, os.path.basename(trial_dir)) if args.logs_dir else None
-    paths = RunPaths.for_trial(trial_dir, logs_dir)
     for folder in (paths.trial_dir, paths.ckpt_dir, paths.save_dir, paths.config_dir):
         os.makedirs(folder, exist_ok=True)
     setup_logging(paths.log_file)
     log = logging.getLogger("run")
     log.info("run folder: %s", os.path.abspath(trial_dir))
-
+    if checkpoint is not None:
+        log.info("from checkpoint %s (step %d)", checkpoint, system.global_step)
     if args.train:
         raw = OmegaConf.merge(load_yaml_chain(args.config), parse_overrides(overrides))
         OmegaConf.save(raw, os.path.join(paths.config_dir, "raw.yaml"))
         OmegaConf.save(config, os.path.join(paths.config_dir, "parsed.yaml"))
         snapshot_code(paths.code_dir)
 
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    system = SYSTEMS.get(config.system.name)(config, paths, device)
-    if args.resume is not None:
-        system.load(args.resume)
-    if args.train:
-        system.fit()
-    elif args.test:
-        system.test()
-    else:
-        system.export_mesh()
+    try:
+        if args.train:
+            system.fit()
+        elif args.test:
+            system.test()
+        else:
+            system.export_mesh()
+    except TrainingInterrupted as e:
+        command = ["python", "run.py", "--config", args.config, "--train", "--resume", e.checkpoint, *overrides]
+        log.warning("training stopped by %s; checkpoint %s", signal.Signals(e.signum).name, e.checkpoint)
+        log.warning("resume with: %s", shlex.join(command))
+        return 128 + e.signum
+    except TrainingDiverged as e:
+        log.error("training diverged: %s", e)
+        return 1
     return 0
 
 

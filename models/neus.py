@@ -7,15 +7,26 @@ from omegaconf import DictConfig
 from torch import nn
 
 from encoder import parse_encoding_config
+from models.background import BackgroundField, ray_sphere_intersect
 from models.network import ColorNetwork, SDFNetwork, VarianceNetwork, normalize
 from models.occupancy import OccupancyGrid
 from models.registry import MODELS
-from models.rendering import accumulate_along_rays, composite_background, neus_alpha, render_weights_from_alpha
+from models.rendering import (
+    accumulate_along_rays,
+    composite_background,
+    density_alpha,
+    neus_alpha,
+    render_weights_from_alpha,
+)
 from utils.config import Configurable, parse_structured
+from utils.misc import map_in_chunks
 
 
 def chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([fn(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]) if x.shape[0] else fn(x)
+    """fn over x [N, ...] in chunks (halved on out-of-memory) -> fn's outputs concatenated"""
+    if x.shape[0] == 0:
+        return fn(x)
+    return torch.cat(map_in_chunks(lambda a, b: fn(x[a:b]), x.shape[0], chunk, "evaluating points")[0])
 
 
 @MODELS.register("neus")
@@ -31,6 +42,9 @@ class NeuSModel(Configurable, nn.Module):
         texture: ColorNetwork.Config = field(default_factory=ColorNetwork.Config)
         variance: VarianceNetwork.Config = field(default_factory=VarianceNetwork.Config)
         sampler: OccupancyGrid.Config = field(default_factory=OccupancyGrid.Config)
+        # a NeRF outside the sphere of `radius` for scenes without masks; when enabled the
+        # foreground (SDF) is rendered inside that sphere only
+        background: BackgroundField.Config = field(default_factory=BackgroundField.Config)
 
     @classmethod
     def parse_config(cls, raw: Any, path: str) -> DictConfig:
@@ -41,6 +55,8 @@ class NeuSModel(Configurable, nn.Module):
         config.texture.dir_encoding = parse_encoding_config(
             config.texture.dir_encoding, f"{path}.texture.dir_encoding"
         )
+        for key in ("xyz_encoding", "dir_encoding"):
+            config.background[key] = parse_encoding_config(config.background[key], f"{path}.background.{key}")
         return config
 
     def __init__(self, config: "NeuSModel.Config", device: str = "cpu"):
@@ -50,25 +66,33 @@ class NeuSModel(Configurable, nn.Module):
         self.texture = ColorNetwork(config.texture, config.geometry.feature_dim, device)
         self.variance = VarianceNetwork(config.variance)
         self.occupancy = OccupancyGrid(config.sampler, config.radius, device)
+        self.background = BackgroundField(config.background, config.radius, device) if config.background.enabled else None
         # state of the schedules, saved with the model so that renders after a reload match
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0))
 
     def parameter_groups(self) -> Dict[str, list]:
-        return {
+        groups = {
             "geometry": list(self.geometry.parameters()),
             "texture": list(self.texture.parameters()),
             "variance": list(self.variance.parameters()),
         }
+        if self.background is not None:
+            groups["background"] = list(self.background.parameters())
+        return groups
 
     def set_step(self, global_step: int) -> None:
         """Schedules that follow the training step: cos annealing and hash-grid levels."""
         steps = self.config.cos_anneal_steps
         self.cos_anneal_ratio.fill_(1.0 if steps <= 0 else min(1.0, global_step / steps))
         self.geometry.update_step(global_step)
+        if self.background is not None:
+            self.background.set_step(global_step)
 
     def update_occupancy(self, global_step: int) -> None:
-        """The occupancy grid's periodic EMA update (training only)."""
+        """The occupancy grids' periodic EMA updates (training only)."""
         self.occupancy.update(global_step, self.occupancy_alpha)
+        if self.background is not None:
+            self.background.update_occupancy(global_step)
 
     @torch.no_grad()
     def occupancy_alpha(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +103,16 @@ class NeuSModel(Configurable, nn.Module):
         alpha = neus_alpha(sdf, head_on, torch.full_like(sdf, self.config.render_step_size), self.variance.inv_s())
         shell = self.config.sampler.shell_width
         return alpha * (sdf > -shell) if shell > 0 else alpha
+
+    def mesh_sdf(self, x: torch.Tensor) -> torch.Tensor:
+        """The field whose zero level set is exported as the mesh: x [N, 3] -> [N].
+        With a background model the foreground ends at the sphere of `radius` (beyond it lies
+        background, and the SDF there is never rendered), so the SDF is intersected with that
+        sphere: max(sdf, |x| - radius)."""
+        sdf = self.geometry.sdf(x)  # [N]
+        if self.background is None:
+            return sdf
+        return torch.maximum(sdf, x.norm(dim=-1) - self.config.radius)
 
     @torch.no_grad()
     def surface_colors(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -95,9 +129,10 @@ class NeuSModel(Configurable, nn.Module):
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, background: torch.Tensor) -> Dict[str, Any]:
         """Render rays. rays_o, rays_d: [n_rays, 3] (unit directions, normalised frame);
-        background: [n_rays, 3] or [1, 3]. Returns rgb [n_rays, 3], opacity [n_rays],
-        depth [n_rays], normal [n_rays, 3], sdf [n_samples], sdf_grad [n_samples, 3],
-        n_samples (int), inv_s []."""
+        background: [n_rays, 3] or [1, 3], the colour behind everything. Returns rgb [n_rays, 3],
+        opacity [n_rays] (foreground), depth [n_rays], normal [n_rays, 3], sdf [n_samples],
+        sdf_grad [n_samples, 3], n_samples (int), inv_s [], rgb_foreground [n_rays, 3] (over
+        black) and, with a background model, background (its colour and packed weights)."""
         n_rays = rays_o.shape[0]
         inv_s = self.variance.inv_s()
 
@@ -106,8 +141,10 @@ class NeuSModel(Configurable, nn.Module):
             sdf = self.geometry.sdf(x)
             return neus_alpha(sdf, torch.full_like(sdf, -1.0), t_ends - t_starts, inv_s.detach())
 
+        t_max = None if self.background is None else ray_sphere_intersect(rays_o, rays_d, self.config.radius)[1]
         ray_indices, t_starts, t_ends = self.occupancy.sample(
-            rays_o, rays_d, self.config.render_step_size, stratified=self.training, alpha_fn=visibility_alpha
+            rays_o, rays_d, self.config.render_step_size, stratified=self.training, alpha_fn=visibility_alpha,
+            t_max=t_max,
         )
         t_mid = 0.5 * (t_starts + t_ends)  # [n_samples]
         dirs = rays_d[ray_indices]  # [n_samples, 3]
@@ -119,8 +156,8 @@ class NeuSModel(Configurable, nn.Module):
         weights, _ = render_weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
         opacity = accumulate_along_rays(weights, ray_indices, n_rays)  # [n_rays, 1]
         comp_rgb = accumulate_along_rays(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
-        return {
-            "rgb": composite_background(comp_rgb, opacity, background),
+        out = {
+            "rgb_foreground": comp_rgb,
             "opacity": opacity[:, 0],
             "depth": accumulate_along_rays(weights, ray_indices, n_rays, t_mid[:, None])[:, 0],
             "normal": accumulate_along_rays(weights, ray_indices, n_rays, normal),
@@ -128,4 +165,33 @@ class NeuSModel(Configurable, nn.Module):
             "sdf_grad": grad,
             "n_samples": int(ray_indices.numel()),
             "inv_s": inv_s,
+        }
+        if self.background is not None:
+            out["background"] = self.render_background(rays_o, rays_d, background)
+            background = out["background"]["rgb"]
+        out["rgb"] = composite_background(comp_rgb, opacity, background)
+        return out
+
+    def render_background(self, rays_o: torch.Tensor, rays_d: torch.Tensor, fill: torch.Tensor) -> Dict[str, Any]:
+        """The background model's colour of each ray beyond the foreground sphere, over `fill`
+        where it stays transparent. -> rgb [n_rays, 3], opacity [n_rays], and the packed
+        weights [n_samples], ray_indices, s_starts, s_ends (for the distortion loss)."""
+        n_rays = rays_o.shape[0]
+        samples = self.background.sample(rays_o, rays_d, stratified=self.training)
+        ray_indices = samples["ray_indices"]  # [n_samples]
+        dirs = rays_d[ray_indices]  # [n_samples, 3]
+        x_c = self.background.contracted(rays_o[ray_indices] + samples["t_sample"][:, None] * dirs)  # [n_samples, 3]
+        sigma, rgb = self.background(x_c, dirs)  # [n_samples], [n_samples, 3]
+        alpha = density_alpha(sigma, samples["t_ends"] - samples["t_starts"])  # [n_samples]
+        weights, _ = render_weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
+        opacity = accumulate_along_rays(weights, ray_indices, n_rays)  # [n_rays, 1]
+        comp_rgb = accumulate_along_rays(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
+        return {
+            "rgb": composite_background(comp_rgb, opacity, fill),
+            "opacity": opacity[:, 0],
+            "weights": weights,
+            "ray_indices": ray_indices,
+            "s_starts": samples["s_starts"],
+            "s_ends": samples["s_ends"],
+            "n_samples": int(ray_indices.numel()),
         }

@@ -121,12 +121,16 @@ class OccupancyGrid(Configurable, nn.Module):
         step_size: float,
         stratified: bool,
         alpha_fn: Optional[Callable] = None,
+        t_max: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Packed samples of the rays inside occupied cells; with `alpha_fn(t_starts, t_ends,
-        ray_indices)`, samples hidden behind the surface (transmittance < early_stop_eps) are
-        dropped. rays_o, rays_d: [n_rays, 3] -> ray_indices, t_starts, t_ends: [n_samples]
+        """Packed samples of the rays inside occupied cells (and before t_max [n_rays] when
+        given); with `alpha_fn(t_starts, t_ends, ray_indices)`, samples hidden behind the surface
+        (transmittance < early_stop_eps) are dropped.
+        rays_o, rays_d: [n_rays, 3] -> ray_indices, t_starts, t_ends: [n_samples]
         """
         t_near, t_far, _ = ray_aabb_intersect(rays_o, rays_d, self.aabb)
+        if t_max is not None:
+            t_far = torch.minimum(t_far, t_max)
         if self.backend == "nerfacc":
             return self.estimator.sampling(
                 rays_o,

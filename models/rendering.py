@@ -39,6 +39,14 @@ def neus_alpha(
     return ((cdf_prev - cdf_next + 1e-5) / (cdf_prev + 1e-5)).clamp(0.0, 1.0)  # [n_samples]
 
 
+def density_alpha(sigma: torch.Tensor, dists: torch.Tensor) -> torch.Tensor:
+    """Opacity of a segment of constant density (NeRF): alpha = 1 - exp(-sigma * dist).
+
+    sigma, dists: [n_samples] -> alpha [n_samples]
+    """
+    return 1.0 - torch.exp(-sigma * dists)
+
+
 def segment_starts(ray_indices: torch.Tensor, n_rays: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """First sample index and sample count of every ray.
 
@@ -58,12 +66,32 @@ def exclusive_transmittance(alphas: torch.Tensor, ray_indices: torch.Tensor, n_r
     """
     if alphas.numel() == 0:
         return alphas.clone()
-    starts, counts = segment_starts(ray_indices, n_rays)
-    slot = torch.arange(alphas.shape[0], device=alphas.device) - starts[ray_indices]  # [n_samples]
-    keep = alphas.new_ones(n_rays, int(counts.max()) + 1)  # [n_rays, K + 1]
+    slot, width = padded_slots(ray_indices, n_rays)
+    keep = alphas.new_ones(n_rays, width + 1)  # [n_rays, K + 1]
     keep = keep.index_put((ray_indices, slot + 1), 1.0 - alphas)  # column 0 stays 1: exclusive
     trans = torch.cumprod(keep, dim=1)  # [n_rays, K + 1]
     return trans[ray_indices, slot]  # [n_samples]
+
+
+def exclusive_sum(values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """S_i = sum_{j < i, same ray} v_j (nerfacc's packed exclusive_sum), exact per ray (no
+    global prefix sum whose rounding grows with the batch).
+    values: [n_samples, ...], ray_indices: [n_samples] (sorted) -> [n_samples, ...]
+    """
+    if values.shape[0] == 0:
+        return values.clone()
+    slot, width = padded_slots(ray_indices, n_rays)
+    table = values.new_zeros(n_rays, width + 1, *values.shape[1:])  # [n_rays, K + 1, ...]
+    table = table.index_put((ray_indices, slot + 1), values)
+    return torch.cumsum(table, dim=1)[ray_indices, slot]  # [n_samples, ...]
+
+
+def padded_slots(ray_indices: torch.Tensor, n_rays: int) -> Tuple[torch.Tensor, int]:
+    """Each sample's position within its ray, and the longest ray's sample count, to lay packed
+    samples out in a [n_rays, K] table.  ray_indices: [n_samples] sorted -> slot [n_samples], K"""
+    starts, counts = segment_starts(ray_indices, n_rays)
+    slot = torch.arange(ray_indices.shape[0], device=ray_indices.device) - starts[ray_indices]  # [n_samples]
+    return slot, int(counts.max())
 
 
 def render_weights_from_alpha(

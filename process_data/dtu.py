@@ -8,7 +8,7 @@
 import glob
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import cv2
 import numpy as np
@@ -40,14 +40,38 @@ def list_images(folder: str) -> List[str]:
     return sorted(set(sum((glob.glob(os.path.join(folder, e)) for e in IMAGE_EXTENSIONS), [])))
 
 
-def read_image(path: str, size: Optional[Tuple[int, int]], grayscale: bool = False) -> np.ndarray:
+def read_image(
+    path: str, full_size: Tuple[int, int], size: Tuple[int, int], grayscale: bool = False
+) -> np.ndarray:
+    """An image (RGB, or grayscale for masks) that must be full_size (w, h) on disk, resized
+    to size (w, h)."""
     flag = cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR
     img = cv2.imread(path, flag)
     if img is None:
         raise DatasetError(f"cannot read image {path} (corrupt or not an image)")
-    if size is not None and (img.shape[1], img.shape[0]) != size:
+    if (img.shape[1], img.shape[0]) != full_size:
+        raise DatasetError(
+            f"{path} is {img.shape[1]}x{img.shape[0]} but the scene's first image is {full_size[0]}x{full_size[1]}: "
+            f"all images and masks must have the same size"
+        )
+    if (img.shape[1], img.shape[0]) != size:
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
     return img if grayscale else img[:, :, ::-1]
+
+
+def downscaled_size(full_w: int, full_h: int, img_downscale: float) -> Tuple[int, int]:
+    """(w, h) / img_downscale, which must give whole pixel counts (so that K scales exactly)."""
+    if img_downscale <= 0:
+        raise DatasetError(f"dataset.img_downscale must be > 0, got {img_downscale}")
+    width, height = full_w / img_downscale, full_h / img_downscale
+    if abs(width - round(width)) > 1e-6 or abs(height - round(height)) > 1e-6:
+        raise DatasetError(
+            f"dataset.img_downscale {img_downscale} turns {full_w}x{full_h} images into {width:g}x{height:g} "
+            f"pixels; choose a factor that divides both sides (e.g. 2, 4 or 8)"
+        )
+    if round(width) < 8 or round(height) < 8:
+        raise DatasetError(f"dataset.img_downscale {img_downscale} leaves {width:g}x{height:g} pixels of {full_w}x{full_h}")
+    return round(width), round(height)
 
 
 def load_neus_scene(root_dir: str, cameras_file: str, img_downscale: float, use_masks: bool) -> Views:
@@ -62,16 +86,17 @@ def load_neus_scene(root_dir: str, cameras_file: str, img_downscale: float, use_
     cameras_path = os.path.join(root_dir, cameras_file)
     if not os.path.isfile(cameras_path):
         raise DatasetError(f"camera file {cameras_path} not found (expected world_mat_i, scale_mat_i)")
-    cameras = np.load(cameras_path)
+    try:
+        cameras = dict(np.load(cameras_path))
+    except Exception as e:
+        raise DatasetError(f"cannot read camera file {cameras_path}: {e}") from None
     n_views = len(image_paths)
 
     first = cv2.imread(image_paths[0], cv2.IMREAD_UNCHANGED)
     if first is None:
         raise DatasetError(f"cannot read image {image_paths[0]} (corrupt or not an image)")
     full_h, full_w = first.shape[:2]
-    width, height = round(full_w / img_downscale), round(full_h / img_downscale)
-    if width < 8 or height < 8:
-        raise DatasetError(f"img_downscale {img_downscale} leaves {width}x{height} pixels of {full_w}x{full_h}")
+    width, height = downscaled_size(full_w, full_h, img_downscale)
 
     intrinsics, c2ws, world_mats = [], [], []
     scale_mat = None
@@ -82,8 +107,8 @@ def load_neus_scene(root_dir: str, cameras_file: str, img_downscale: float, use_
         world_mat = cameras[f"world_mat_{i}"].astype(np.float64)
         scale_mat = cameras[f"scale_mat_{i}"].astype(np.float64)
         P = (world_mat @ scale_mat)[:3, :4]
-        if abs(np.linalg.det(P[:3, :3])) < 1e-12:
-            raise DatasetError(f"{cameras_path}: world_mat_{i} @ scale_mat_{i} is not invertible")
+        if not np.isfinite(P).all() or abs(np.linalg.det(P[:3, :3])) < 1e-12:
+            raise DatasetError(f"{cameras_path}: world_mat_{i} @ scale_mat_{i} is not invertible (or not finite)")
         K, c2w = decompose_projection(P)
         rescale = downscale_matrix(full_w / width)
         intrinsics.append(rescale @ K)
@@ -92,15 +117,17 @@ def load_neus_scene(root_dir: str, cameras_file: str, img_downscale: float, use_
 
     images = []
     for path in tqdm(image_paths, desc=f"loading {os.path.basename(root_dir)}", leave=False):
-        img = read_image(path, (width, height))
-        images.append(img)
+        images.append(read_image(path, (full_w, full_h), (width, height)))
     masks = None
     mask_dir = os.path.join(root_dir, "mask")
     if use_masks and os.path.isdir(mask_dir):
         mask_paths = list_images(mask_dir)
         if len(mask_paths) != n_views:
-            raise DatasetError(f"{mask_dir} has {len(mask_paths)} masks for {n_views} images")
-        masks = np.stack([read_image(p, (width, height), grayscale=True) for p in mask_paths])
+            raise DatasetError(
+                f"{mask_dir} has {len(mask_paths)} masks for {n_views} images in {os.path.join(root_dir, image_dir)}: "
+                f"every view needs a mask (or set dataset.use_masks=false)"
+            )
+        masks = np.stack([read_image(p, (full_w, full_h), (width, height), grayscale=True) for p in mask_paths])
         masks = (masks > 127).astype(np.float32)
     return Views(
         images=np.stack(images),

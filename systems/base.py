@@ -5,16 +5,26 @@ A system subclasses `BaseSystem` and writes the parts that are its own: `train_s
 """
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from utils.checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    checkpoints_in,
+    load_checkpoint,
+    newest_loadable,
+    prune_checkpoints,
+    save_checkpoint,
+    step_of,
+)
 from utils.config import Configurable, to_primitive
 from utils.misc import get_rng_state, set_rng_state
 
@@ -31,6 +41,13 @@ class TrainerConfig:
     log_every: int = 50  # steps between TensorBoard scalars / log lines
     val_every: int = 2500  # steps between validation renders (0: never)
     ckpt_every: int = 5000  # steps between checkpoints (0: only the final one)
+    keep_checkpoints: int = 3  # newest checkpoints kept in ckpt/ (0: all); the final one always stays
+    # a step whose loss or gradient is not finite is skipped; after max_bad_steps of them in a
+    # row training rolls back to the newest checkpoint with the learning rates times
+    # rollback_lr_factor, at most max_rollbacks times
+    max_bad_steps: int = 10
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
     eval_chunk_rays: int = 4096  # rays rendered at once in validation / test
     test_at_end: bool = True  # --train ends with the test stage (renders, metrics, video, mesh)
     n_test_traj_steps: int = 60  # frames of the orbit video
@@ -71,6 +88,19 @@ class RunPaths:
         )
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM stopped training; a checkpoint of the current step was written."""
+
+    def __init__(self, signum: int, checkpoint: str):
+        super().__init__(f"{signal.Signals(signum).name} at checkpoint {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite steps that rolling back could not cure."""
+
+
 class BaseSystem(Configurable):
     def __init__(self, config: DictConfig, paths: RunPaths, device: torch.device):
         self.full_config = config
@@ -80,6 +110,11 @@ class BaseSystem(Configurable):
         self.device = device
         self.global_step = 0
         self.train_num_rays = self.trainer_config.train_num_rays
+        self.lr_scale = 1.0  # product of the rollbacks' learning-rate factors
+        self.skipped_steps = 0
+        self.rollbacks = 0
+        self.bad_steps_in_a_row = 0
+        self._stop_signal: Optional[int] = None
         self._writer = None
 
     # --- to be written by each system -------------------------------------------------
@@ -109,8 +144,26 @@ class BaseSystem(Configurable):
         return self._writer
 
     def fit(self) -> None:
+        """Train to max_steps: validation and checkpoints on their cadence, non-finite steps
+        skipped (rolled back when they persist), SIGINT / SIGTERM -> checkpoint and
+        TrainingInterrupted; then the test stage."""
         cfg = self.trainer_config
         log.info("training from step %d to %d on %s", self.global_step, cfg.max_steps, self.device)
+        if not checkpoints_in(self.paths.ckpt_dir):
+            self.save()  # something to roll back to, even before the first checkpoint is due
+        previous_handlers = self._catch_stop_signals()
+        try:
+            self._train_loop()
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+        if not os.path.exists(self.checkpoint_path(self.global_step)):
+            self.save()
+        if cfg.test_at_end:
+            self.test()
+
+    def _train_loop(self) -> None:
+        cfg = self.trainer_config
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, dynamic_ncols=True, desc="train", mininterval=1.0)
         window: List[Dict[str, float]] = []
         while self.global_step < cfg.max_steps:
@@ -118,24 +171,98 @@ class BaseSystem(Configurable):
             stats = self.train_step(self.global_step)
             self.global_step += 1
             stats["seconds_per_step"] = time.perf_counter() - start
-            window.append(stats)
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", lr=f"{stats['lr']:.2e}")
-            if self.global_step % cfg.log_every == 0 or self.global_step == cfg.max_steps:
+            if stats["skipped"]:
+                self.on_bad_step(stats)
+                if self.global_step < bar.n:  # rolled back
+                    bar.reset(total=cfg.max_steps)
+                    bar.update(self.global_step)
+                    window = []
+            else:
+                self.bad_steps_in_a_row = 0
+                window.append(stats)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", lr=f"{stats['lr']:.2e}")
+            if window and (self.global_step % cfg.log_every == 0 or self.global_step == cfg.max_steps):
                 self.log_scalars(window)
                 window = []
             if cfg.val_every > 0 and self.global_step % cfg.val_every == 0:
                 self.validate()
             if cfg.ckpt_every > 0 and self.global_step % cfg.ckpt_every == 0:
                 self.save()
+            if self._stop_signal is not None:
+                bar.close()
+                path = self.checkpoint_path(self.global_step)
+                if not os.path.exists(path):
+                    path = self.save()
+                raise TrainingInterrupted(self._stop_signal, path)
         bar.close()
-        if not os.path.exists(self.checkpoint_path(self.global_step)):
-            self.save()
-        if cfg.test_at_end:
-            self.test()
+
+    def _catch_stop_signals(self) -> Dict[int, Any]:
+        """SIGINT / SIGTERM end training after the current step (with a checkpoint); a second
+        one stops at once. Only the main thread can set handlers: elsewhere nothing changes."""
+
+        def request_stop(signum, frame):
+            log.warning("%s received: stopping after this step and saving a checkpoint (again to abort)",
+                        signal.Signals(signum).name)
+            self._stop_signal = signum
+            signal.signal(signum, previous[signum])
+
+        previous: Dict[int, Any] = {}
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, request_stop)
+        except ValueError:  # not the main thread
+            pass
+        return previous
+
+    @staticmethod
+    def gradients_are_finite(params: List[torch.Tensor]) -> bool:
+        grads = [p.grad for p in params if p.grad is not None]
+        return bool(torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads]).sum())) if grads else True
+
+    def on_bad_step(self, stats: Dict[str, float]) -> None:
+        """Count a skipped (non-finite) step; roll back once max_bad_steps come in a row."""
+        cfg = self.trainer_config
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.global_step)
+        log.warning("step %d skipped: non-finite %s (%d in a row)", self.global_step - 1,
+                    stats.get("non_finite", "loss or gradient"), self.bad_steps_in_a_row)
+        if self.bad_steps_in_a_row >= cfg.max_bad_steps:
+            self.rollback()
+
+    def rollback(self) -> None:
+        """Back to the newest loadable checkpoint before this step, learning rates scaled by
+        rollback_lr_factor (on top of earlier rollbacks)."""
+        cfg = self.trainer_config
+        if self.rollbacks >= cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"{cfg.max_bad_steps} non-finite steps in a row at step {self.global_step} after "
+                f"{self.rollbacks} rollbacks; lower system.optimizer.lr_* or check the data"
+            )
+        earlier = [p for p in checkpoints_in(self.paths.ckpt_dir) if step_of(p) < self.global_step]
+        path = newest_loadable(earlier)
+        if path is None:
+            raise TrainingDiverged(f"non-finite steps at step {self.global_step} and no checkpoint to roll back to")
+        lr_scale = self.lr_scale * cfg.rollback_lr_factor
+        rollbacks, skipped, from_step = self.rollbacks + 1, self.skipped_steps, self.global_step
+        self.load(path)
+        self.set_lr_scale(lr_scale)
+        self.rollbacks, self.skipped_steps, self.bad_steps_in_a_row = rollbacks, skipped, 0
+        self.writer.add_scalar("train/rollbacks", self.rollbacks, self.global_step)
+        log.warning("%d non-finite steps in a row at step %d: rolled back to %s, learning rates x%g",
+                    cfg.max_bad_steps, from_step, path, lr_scale)
+
+    def set_lr_scale(self, lr_scale: float) -> None:
+        """Scale every learning rate (and the schedule's base rates) to lr_scale x configured."""
+        ratio = lr_scale / self.lr_scale
+        self.scheduler.base_lrs = [lr * ratio for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+        self.lr_scale = lr_scale
 
     def log_scalars(self, window: List[Dict[str, float]]) -> None:
-        mean = {k: sum(s[k] for s in window) / len(window) for k in window[-1]}
+        mean = {k: sum(s[k] for s in window) / len(window) for k in window[-1] if k != "skipped"}
         for key, value in mean.items():
             self.writer.add_scalar(f"train/{key}", value, self.global_step)
         log.info(
@@ -152,18 +279,33 @@ class BaseSystem(Configurable):
         state = {
             "step": self.global_step,
             "train_num_rays": self.train_num_rays,
+            "lr_scale": self.lr_scale,
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
             "rng": get_rng_state(),
             "config": to_primitive(self.full_config),
             **self.state_dict(),
         }
         save_checkpoint(path, state)
         log.info("saved checkpoint %s", path)
+        for removed in prune_checkpoints(self.paths.ckpt_dir, self.trainer_config.keep_checkpoints,
+                                         self.trainer_config.max_steps):
+            log.info("removed old checkpoint %s", removed)
         return path
 
     def load(self, path: str) -> None:
         state = load_checkpoint(path, map_location="cpu")
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this config ({first}); it was trained with the config "
+                f"stored in it (and in its trial's config/parsed.yaml)"
+            ) from None
         self.global_step = int(state["step"])
         self.train_num_rays = int(state["train_num_rays"])
+        self.lr_scale = float(state["lr_scale"])
+        self.skipped_steps, self.rollbacks = int(state["skipped_steps"]), int(state["rollbacks"])
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.global_step)

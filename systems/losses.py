@@ -5,6 +5,8 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from models.rendering import exclusive_sum
+
 
 def rgb_l1(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """mean |pred - gt|.  pred, gt: [n_rays, 3]"""
@@ -36,6 +38,24 @@ def sparsity(sdf: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.exp(-scale * sdf.abs()).mean()
 
 
+def distortion(
+    weights: torch.Tensor, s_starts: torch.Tensor, s_ends: torch.Tensor, ray_indices: torch.Tensor, n_rays: int
+) -> torch.Tensor:
+    """Mip-NeRF 360's distortion loss, mean over rays, in linear time per ray:
+        L = sum_ij w_i w_j |m_i - m_j| + 1/3 sum_i w_i^2 (s_i1 - s_i0),   m_i = (s_i0 + s_i1) / 2
+    with the double sum over sorted samples = 2 sum_i w_i (m_i W_<i - (w m)_<i), W_<i and
+    (w m)_<i exclusive sums along the ray. Pulls each ray's weight into one compact interval.
+    weights, s_starts, s_ends, ray_indices: [n_samples] (sorted by ray, then by s)
+    """
+    if weights.shape[0] == 0:
+        return weights.sum() * 0.0
+    mid = 0.5 * (s_starts + s_ends)  # [n_samples]
+    prefix = exclusive_sum(torch.stack([weights, weights * mid], dim=-1), ray_indices, n_rays)  # [n_samples, 2]
+    pairs = 2.0 * weights * (mid * prefix[:, 0] - prefix[:, 1])  # [n_samples]
+    own = weights**2 * (s_ends - s_starts) / 3.0  # [n_samples]
+    return (pairs + own).sum() / n_rays
+
+
 @dataclass
 class LossConfig:
     lambda_rgb_l1: float = 1.0
@@ -44,6 +64,7 @@ class LossConfig:
     lambda_mask: float = 0.1
     lambda_sparsity: float = 0.0
     sparsity_scale: float = 1.0
+    lambda_distortion_bg: float = 0.0  # distortion of the background's weights (needs model.background)
 
 
 def neus_losses(config: LossConfig, out: Dict, batch: Dict) -> Dict[str, torch.Tensor]:
@@ -59,5 +80,10 @@ def neus_losses(config: LossConfig, out: Dict, batch: Dict) -> Dict[str, torch.T
         terms["mask"] = config.lambda_mask * mask_bce(out["opacity"], batch["mask"])
     if config.lambda_sparsity > 0:
         terms["sparsity"] = config.lambda_sparsity * sparsity(out["sdf"], config.sparsity_scale)
+    if config.lambda_distortion_bg > 0 and "background" in out:
+        bg = out["background"]
+        terms["distortion_bg"] = config.lambda_distortion_bg * distortion(
+            bg["weights"], bg["s_starts"], bg["s_ends"], bg["ray_indices"], out["rgb"].shape[0]
+        )
     terms["total"] = sum(terms.values())
     return terms

@@ -27,6 +27,7 @@ from utils.mesh import (
 )
 from utils.camera import downscale_matrix, orbit_poses
 from utils.metrics import mesh_metrics, psnr, ssim
+from utils.misc import map_in_chunks
 from utils.visualize import depth_image, normal_image, save_image, to_uint8
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class NeuSSystem(BaseSystem):
         self.scheduler = build_scheduler(self.optimizer, self.config.scheduler)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.n_validations = 0
+        self.eval_chunk_rays = self.trainer_config.eval_chunk_rays  # halved for good on out-of-memory
 
     # --- training -----------------------------------------------------------------------
     def train_step(self, step: int) -> Dict[str, float]:
@@ -59,12 +61,18 @@ class NeuSSystem(BaseSystem):
         out = self.model(batch["rays_o"], batch["rays_d"], batch["background"])
         losses = neus_losses(self.config.loss, out, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        if losses["total"].requires_grad:
+        non_finite = [k for k, v in losses.items() if k != "total" and not torch.isfinite(v)]
+        if not non_finite and losses["total"].requires_grad:
             losses["total"].backward(inputs=self.params)
+            if not self.gradients_are_finite(self.params):
+                non_finite.append("gradient")
+        if not non_finite:
             self.optimizer.step()
+            self.update_ray_count(out["n_samples"])
         self.scheduler.step()
+        if non_finite:  # the parameters stay as they were; fit() counts the step and may roll back
+            return {"skipped": 1.0, "non_finite": ", ".join(non_finite)}
         n_rays = batch["rays_o"].shape[0]
-        self.update_ray_count(out["n_samples"])
         stats = {f"loss_{k}": v.item() for k, v in losses.items() if k != "total"}
         stats.update(
             loss=losses["total"].item(),
@@ -73,7 +81,10 @@ class NeuSSystem(BaseSystem):
             inv_s=out["inv_s"].item(),
             rays=float(n_rays),
             samples_per_ray=out["n_samples"] / n_rays,
+            skipped=0.0,
         )
+        if "background" in out:
+            stats["bg_samples_per_ray"] = out["background"]["n_samples"] / n_rays
         return stats
 
     def update_ray_count(self, n_samples: int) -> None:
@@ -87,18 +98,20 @@ class NeuSSystem(BaseSystem):
     # --- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
     def render_image(self, rays: Dict[str, torch.Tensor], height: int, width: int) -> Dict[str, torch.Tensor]:
-        """Render H*W rays in chunks of eval_chunk_rays -> rgb [H, W, 3], opacity [H, W],
-        depth [H, W], normal [H, W, 3]."""
+        """Render H*W rays in chunks of eval_chunk_rays -> rgb [H, W, 3], opacity [H, W]
+        (foreground), depth [H, W], normal [H, W, 3], rgb_foreground [H, W, 3] (over black) and,
+        with a background model, rgb_background [H, W, 3]."""
         self.model.eval()
-        chunk = self.trainer_config.eval_chunk_rays
-        keys = ("rgb", "opacity", "depth", "normal")
-        parts = {k: [] for k in keys}
-        for i in range(0, rays["rays_o"].shape[0], chunk):
-            out = self.model(rays["rays_o"][i : i + chunk], rays["rays_d"][i : i + chunk],
-                             rays["background"][i : i + chunk])
-            for k in keys:
-                parts[k].append(out[k])
-        return {k: torch.cat(v).view(height, width, -1).squeeze(-1) for k, v in parts.items()}
+
+        def render(start: int, stop: int) -> Dict[str, torch.Tensor]:
+            out = self.model(rays["rays_o"][start:stop], rays["rays_d"][start:stop], rays["background"][start:stop])
+            if "background" in out:
+                out["rgb_background"] = out["background"]["rgb"]
+            keys = ("rgb", "opacity", "depth", "normal", "rgb_foreground", "rgb_background")
+            return {k: out[k] for k in keys if k in out}
+
+        parts, self.eval_chunk_rays = map_in_chunks(render, rays["rays_o"].shape[0], self.eval_chunk_rays, "rendering")
+        return {k: torch.cat([p[k] for p in parts]).view(height, width, -1).squeeze(-1) for k in parts[0]}
 
     def render_view(self, index: int) -> Dict[str, torch.Tensor]:
         """Render view `index` -> render_image's images plus gt_rgb [H, W, 3], mask [H, W]."""
@@ -134,6 +147,19 @@ class NeuSSystem(BaseSystem):
         self.writer.add_image("val/rgb_gt_normal_depth", panel.clip(0, 1), self.global_step, dataformats="HWC")
         self.writer.add_image("val/opacity", images["opacity"].clamp(0, 1).cpu().numpy(), self.global_step,
                               dataformats="HW")
+        if "rgb_background" in images:
+            layers = np.concatenate(
+                [
+                    images["rgb_foreground"].cpu().numpy(),
+                    images["rgb_background"].cpu().numpy(),
+                    np.repeat(images["opacity"].clamp(0, 1).cpu().numpy()[..., None], 3, axis=-1),
+                ],
+                axis=1,
+            )
+            save_image(os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-val",
+                                    f"{view:06d}-foreground-background-opacity.png"), layers)
+            self.writer.add_image("val/foreground_background_opacity", layers.clip(0, 1), self.global_step,
+                                  dataformats="HWC")
         for key, value in metrics.items():
             self.writer.add_scalar(f"val/{key}", value, self.global_step)
         log.info("validation at step %d, view %d: %s", self.global_step, view,
@@ -207,7 +233,7 @@ class NeuSSystem(BaseSystem):
         cfg = self.full_config.export
         self.model.eval()
         vertices, faces = extract_surface(
-            self.model.geometry.sdf, self.model.config.radius, cfg.mesh_resolution, cfg.mesh_threshold,
+            self.model.mesh_sdf, self.model.config.radius, cfg.mesh_resolution, cfg.mesh_threshold,
             cfg.mesh_chunk, self.device,
         )
         if cfg.largest_component:

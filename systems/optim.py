@@ -10,6 +10,7 @@ class OptimizerConfig:
     lr_geometry: float = 0.01
     lr_texture: float = 0.01
     lr_variance: float = 0.001
+    lr_background: float = 0.01
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-15
     weight_decay: float = 0.0
@@ -36,7 +37,12 @@ def lr_factor(step: int, config: SchedulerConfig) -> float:
 
 
 def build_optimizer(groups: Dict[str, list], config: OptimizerConfig) -> torch.optim.Optimizer:
-    lrs = {"geometry": config.lr_geometry, "texture": config.lr_texture, "variance": config.lr_variance}
+    lrs = {
+        "geometry": config.lr_geometry,
+        "texture": config.lr_texture,
+        "variance": config.lr_variance,
+        "background": config.lr_background,
+    }
     missing = set(groups) - set(lrs)
     if missing:
         raise KeyError(f"no learning rate configured for parameter group(s) {sorted(missing)}")

@@ -98,6 +98,11 @@ def test_mesh_and_test_modes_on_a_checkpoint(tiny_run):
     assert os.path.isfile(os.path.join(trial, "save", "it000006-test", "metrics.json"))
 
 
-def test_test_without_resume_is_refused():
-    result = run("--test", *TINY)
-    assert result.returncode != 0 and "--resume" in result.stderr
+def test_mesh_without_resume_takes_the_last_run(tiny_run):
+    """--mesh (or --test) without --resume uses the newest trial of the config's name."""
+    scene, trial = tiny_run
+    os.remove(os.path.join(trial, "save", "it000006-mc32.ply"))
+    outputs = os.path.dirname(os.path.dirname(trial))
+    result = run("--mesh", "--outputs_dir", outputs, f"dataset.root_dir={scene}", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(os.path.join(trial, "save", "it000006-mc32.ply"))

@@ -10,6 +10,7 @@ import torch
 import trimesh
 
 from utils.camera import downscale_matrix, project
+from utils.misc import map_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ def sdf_on_grid(
     yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)  # [ny*nz, 2]
     for i, x in enumerate(axes[0]):
         pts = torch.cat([torch.full_like(yz[:, :1], float(x)), yz], dim=-1)  # [ny*nz, 3]
-        slab = torch.cat([sdf_fn(pts[j : j + chunk]) for j in range(0, pts.shape[0], chunk)])
-        values[i] = slab.view(counts[1], counts[2]).float().cpu().numpy()
+        parts, chunk = map_in_chunks(lambda a, b: sdf_fn(pts[a:b]), pts.shape[0], chunk, "evaluating the SDF grid")
+        values[i] = torch.cat(parts).view(counts[1], counts[2]).float().cpu().numpy()
     return values, np.full(3, voxel)
 
 

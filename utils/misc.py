@@ -1,10 +1,14 @@
-"""Seeds, RNG state (for exact resume) and device choice."""
+"""Seeds, RNG state (for exact resume), device choice and out-of-memory-safe chunking."""
+import logging
 import os
 import random
-from typing import Dict
+from typing import Callable, Dict, List, Tuple, TypeVar
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -52,3 +56,32 @@ def resolve_device(requested: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device '{requested}' asked for but CUDA is not available; use device=auto or cpu")
     return device
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator failing."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def map_in_chunks(fn: Callable[[int, int], T], n: int, chunk: int, what: str) -> Tuple[List[T], int]:
+    """fn(start, stop) over [0, n) in ranges of `chunk`. Out of memory halves the chunk and
+    retries the same range (down to 1), so evaluation survives a too-large chunk setting.
+    -> the results in order, and the chunk size that worked (for the next call)"""
+    results, start = [], 0
+    while start < n:
+        stop = min(start + chunk, n)
+        try:
+            results.append(fn(start, stop))
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not is_out_of_memory(e) or chunk == 1:
+                raise
+            chunk = max(chunk // 2, 1)
+            log.warning("out of memory %s: retrying in chunks of %d", what, chunk)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = stop
+    return results, chunk
