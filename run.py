@@ -5,6 +5,7 @@
     python run.py --config FILE --test --resume CKPT      # held-out metrics, video, mesh
     python run.py --config FILE --mesh --resume CKPT      # coloured mesh only
     (--resume takes a checkpoint, a trial folder or `last`; --test / --mesh default to `last`)
+    torchrun --nproc_per_node N run.py --config FILE --train   # data-parallel over N processes
 """
 import argparse
 import logging
@@ -56,21 +57,34 @@ def snapshot_code(code_dir: str) -> None:
 
 
 def main(argv=None) -> int:
-    args, overrides = parse_args(argv)
+    """Run one command; under torchrun every rank runs it, and the process group is closed at
+    the end."""
     sys.path.insert(0, PROJECT_DIR)
+    from utils import distributed as dist
+
+    try:
+        return run_command(argv)
+    finally:
+        dist.shutdown()
+
+
+def run_command(argv=None) -> int:
+    args, overrides = parse_args(argv)
     from process_data.dtu import DatasetError
     from systems import SYSTEMS, RunPaths
     from systems.base import TrainingDiverged, TrainingInterrupted
     from utils.checkpoint import CheckpointError, resolve_resume
+    from utils import distributed as dist
     from utils.config import ConfigError, load_config, load_yaml_chain, parse_overrides
     from utils.logger import setup_logging
     from utils.misc import resolve_device, seed_everything
 
     # everything that can be wrong with the config, the data or the checkpoint fails here,
     # before anything is written
-    setup_logging(None)
+    setup_logging(None, rank=int(os.environ.get("RANK", "0")))
     try:
         config = load_config(args.config, overrides)
+        device = dist.init_from_env(resolve_device(config.device))
         runs_dir = os.path.join(args.outputs_dir, config.name)
         resume = args.resume
         if resume is None and (args.test or args.mesh):
@@ -83,15 +97,21 @@ def main(argv=None) -> int:
             raise
         if checkpoint is not None:
             trial_dir = trial_dir_of(checkpoint)
-        else:
-            trial_dir = os.path.join(runs_dir, f"{config.tag}@{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        else:  # rank 0's clock names the trial
+            trial_dir = dist.broadcast_object(
+                os.path.join(runs_dir, f"{config.tag}@{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+            )
         logs_dir = os.path.join(args.logs_dir, config.name, os.path.basename(trial_dir)) if args.logs_dir else None
         paths = RunPaths.for_trial(trial_dir, logs_dir)
-        seed_everything(config.seed)
-        device = resolve_device(config.device)
+        seed_everything(config.seed)  # the same initial parameters on every rank
         system = SYSTEMS.get(config.system.name)(config, paths, device)
         if checkpoint is not None:
             system.load(checkpoint)
+        elif dist.rank() > 0:  # each rank draws its own rays
+            seed_everything(dist.rank_seed(config.seed, dist.rank()))
+    except dist.DistributedError as e:
+        print(f"distributed error: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -102,30 +122,34 @@ def main(argv=None) -> int:
         print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
 
-    for folder in (paths.trial_dir, paths.ckpt_dir, paths.save_dir, paths.config_dir):
-        os.makedirs(folder, exist_ok=True)
-    setup_logging(paths.log_file)
+    if dist.is_main():  # the one process that writes
+        for folder in (paths.trial_dir, paths.ckpt_dir, paths.save_dir, paths.config_dir):
+            os.makedirs(folder, exist_ok=True)
+    setup_logging(paths.log_file if dist.is_main() else None, rank=dist.rank())
     log = logging.getLogger("run")
     log.info("run folder: %s", os.path.abspath(trial_dir))
     if checkpoint is not None:
         log.info("from checkpoint %s (step %d)", checkpoint, system.global_step)
-    if args.train:
+    if args.train and dist.is_main():
         raw = OmegaConf.merge(load_yaml_chain(args.config), parse_overrides(overrides))
         OmegaConf.save(raw, os.path.join(paths.config_dir, "raw.yaml"))
         OmegaConf.save(config, os.path.join(paths.config_dir, "parsed.yaml"))
         snapshot_code(paths.code_dir)
+    dist.barrier()
 
     try:
         if args.train:
             system.fit()
-        elif args.test:
+        elif args.test and dist.is_main():  # renders and meshes come from rank 0 alone
             system.test()
-        else:
+        elif dist.is_main():
             system.export_mesh()
     except TrainingInterrupted as e:
-        command = ["python", "run.py", "--config", args.config, "--train", "--resume", e.checkpoint, *overrides]
-        log.warning("training stopped by %s; checkpoint %s", signal.Signals(e.signum).name, e.checkpoint)
-        log.warning("resume with: %s", shlex.join(command))
+        launcher = ["python"] if dist.world_size() == 1 else ["torchrun", f"--nproc_per_node={dist.world_size()}"]
+        command = [*launcher, "run.py", "--config", args.config, "--train", "--resume", e.checkpoint, *overrides]
+        if dist.is_main():
+            log.warning("training stopped by %s; checkpoint %s", signal.Signals(e.signum).name, e.checkpoint)
+            log.warning("resume with: %s", shlex.join(command))
         return 128 + e.signum
     except TrainingDiverged as e:
         log.error("training diverged: %s", e)

@@ -1,6 +1,6 @@
 """NeuS: an SDF, a colour field and a learned sharpness, rendered with occupancy-grid sampling."""
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 from omegaconf import DictConfig
@@ -93,6 +93,14 @@ class NeuSModel(Configurable, nn.Module):
         self.occupancy.update(global_step, self.occupancy_alpha)
         if self.background is not None:
             self.background.update_occupancy(global_step)
+
+    def occupancy_state_updated_at(self, global_step: int) -> List[torch.Tensor]:
+        """The grid tensors (EMA occupancies, binaries) that update_occupancy(global_step)
+        changes: nerfacc updates a grid when step % update_every == 0."""
+        grids = [(self.occupancy.estimator, self.config.sampler.update_every)]
+        if self.background is not None:
+            grids.append((self.background.estimator, self.config.background.update_every))
+        return [t for grid, every in grids if global_step % every == 0 for t in (grid.occs, grid.binaries)]
 
     @torch.no_grad()
     def occupancy_alpha(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from process_data.base import RayDataset, Views
 from process_data.registry import DATASETS
 from utils.camera import downscale_matrix
+from utils.distributed import is_main
 from utils.config import Configurable
 
 IMAGE_EXTENSIONS = ("*.png", "*.jpg", "*.jpeg", "*.PNG", "*.JPG", "*.JPEG")
@@ -116,7 +117,7 @@ def load_neus_scene(root_dir: str, cameras_file: str, img_downscale: float, use_
         world_mats.append(np.vstack([rescale @ world_mat[:3, :4], [0, 0, 0, 1]]))
 
     images = []
-    for path in tqdm(image_paths, desc=f"loading {os.path.basename(root_dir)}", leave=False):
+    for path in tqdm(image_paths, desc=f"loading {os.path.basename(root_dir)}", leave=False, disable=not is_main()):
         images.append(read_image(path, (full_w, full_h), (width, height)))
     masks = None
     mask_dir = os.path.join(root_dir, "mask")

@@ -25,8 +25,10 @@ from utils.checkpoint import (
     save_checkpoint,
     step_of,
 )
+from utils import distributed as dist
 from utils.config import Configurable, to_primitive
-from utils.misc import get_rng_state, set_rng_state
+from utils.logger import NullWriter
+from utils.misc import get_rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +141,24 @@ class BaseSystem(Configurable):
     # --- shared ------------------------------------------------------------------------
     @property
     def writer(self) -> SummaryWriter:
+        """TensorBoard on rank 0; on the other ranks a writer that drops everything."""
         if self._writer is None:
-            self._writer = SummaryWriter(self.paths.logs_dir)
+            self._writer = SummaryWriter(self.paths.logs_dir) if dist.is_main() else NullWriter()
         return self._writer
+
+    def rays_per_rank(self) -> int:
+        """This rank's share of the step's global ray budget (equal on every rank, so that the
+        mean of the ranks' per-ray losses is the mean over all rays)."""
+        return max(self.train_num_rays // dist.world_size(), 1)
 
     def fit(self) -> None:
         """Train to max_steps: validation and checkpoints on their cadence, non-finite steps
         skipped (rolled back when they persist), SIGINT / SIGTERM -> checkpoint and
         TrainingInterrupted; then the test stage."""
         cfg = self.trainer_config
-        log.info("training from step %d to %d on %s", self.global_step, cfg.max_steps, self.device)
-        if not checkpoints_in(self.paths.ckpt_dir):
+        log.info("training from step %d to %d on %s%s", self.global_step, cfg.max_steps, self.device,
+                 f" x {dist.world_size()} ranks" if dist.world_size() > 1 else "")
+        if dist.broadcast_object(not checkpoints_in(self.paths.ckpt_dir)):
             self.save()  # something to roll back to, even before the first checkpoint is due
         previous_handlers = self._catch_stop_signals()
         try:
@@ -157,14 +166,15 @@ class BaseSystem(Configurable):
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-        if not os.path.exists(self.checkpoint_path(self.global_step)):
+        if dist.broadcast_object(not os.path.exists(self.checkpoint_path(self.global_step))):
             self.save()
-        if cfg.test_at_end:
+        if cfg.test_at_end and dist.is_main():  # renders and the mesh come from rank 0 alone
             self.test()
 
     def _train_loop(self) -> None:
         cfg = self.trainer_config
-        bar = tqdm(total=cfg.max_steps, initial=self.global_step, dynamic_ncols=True, desc="train", mininterval=1.0)
+        bar = tqdm(total=cfg.max_steps, initial=self.global_step, dynamic_ncols=True, desc="train", mininterval=1.0,
+                   disable=not dist.is_main())
         window: List[Dict[str, float]] = []
         while self.global_step < cfg.max_steps:
             start = time.perf_counter()
@@ -186,16 +196,26 @@ class BaseSystem(Configurable):
                 self.log_scalars(window)
                 window = []
             if cfg.val_every > 0 and self.global_step % cfg.val_every == 0:
-                self.validate()
+                if dist.is_main():
+                    self.validate()
+                dist.barrier()
             if cfg.ckpt_every > 0 and self.global_step % cfg.ckpt_every == 0:
                 self.save()
-            if self._stop_signal is not None:
+            stop_signal = self.agreed_stop_signal()
+            if stop_signal:
                 bar.close()
                 path = self.checkpoint_path(self.global_step)
-                if not os.path.exists(path):
+                if dist.broadcast_object(not os.path.exists(path)):
                     path = self.save()
-                raise TrainingInterrupted(self._stop_signal, path)
+                raise TrainingInterrupted(stop_signal, path)
         bar.close()
+
+    def agreed_stop_signal(self) -> int:
+        """The stop signal any rank has received (0: none), the same on every rank, so that all
+        ranks stop after the same step (torchrun relays a signal to each rank, not at once)."""
+        if dist.world_size() == 1:
+            return self._stop_signal or 0
+        return int(dist.all_reduce_max(torch.tensor([self._stop_signal or 0]))[0])
 
     def _catch_stop_signals(self) -> Dict[int, Any]:
         """SIGINT / SIGTERM end training after the current step (with a checkpoint); a second
@@ -241,7 +261,7 @@ class BaseSystem(Configurable):
                 f"{self.rollbacks} rollbacks; lower system.optimizer.lr_* or check the data"
             )
         earlier = [p for p in checkpoints_in(self.paths.ckpt_dir) if step_of(p) < self.global_step]
-        path = newest_loadable(earlier)
+        path = dist.broadcast_object(newest_loadable(earlier) if dist.is_main() else None)
         if path is None:
             raise TrainingDiverged(f"non-finite steps at step {self.global_step} and no checkpoint to roll back to")
         lr_scale = self.lr_scale * cfg.rollback_lr_factor
@@ -275,22 +295,29 @@ class BaseSystem(Configurable):
         return os.path.join(self.paths.ckpt_dir, checkpoint_name(step))
 
     def save(self) -> str:
+        """Write the checkpoint of this step (rank 0; every rank must call it, as it gathers the
+        ranks' random-number states and waits until the file is there) -> its path."""
         path = self.checkpoint_path(self.global_step)
-        state = {
-            "step": self.global_step,
-            "train_num_rays": self.train_num_rays,
-            "lr_scale": self.lr_scale,
-            "skipped_steps": self.skipped_steps,
-            "rollbacks": self.rollbacks,
-            "rng": get_rng_state(),
-            "config": to_primitive(self.full_config),
-            **self.state_dict(),
-        }
-        save_checkpoint(path, state)
-        log.info("saved checkpoint %s", path)
-        for removed in prune_checkpoints(self.paths.ckpt_dir, self.trainer_config.keep_checkpoints,
-                                         self.trainer_config.max_steps):
-            log.info("removed old checkpoint %s", removed)
+        rng_per_rank = dist.gather_objects(get_rng_state())
+        if dist.is_main():
+            state = {
+                "step": self.global_step,
+                "train_num_rays": self.train_num_rays,
+                "lr_scale": self.lr_scale,
+                "skipped_steps": self.skipped_steps,
+                "rollbacks": self.rollbacks,
+                "rng": rng_per_rank[0],
+                "config": to_primitive(self.full_config),
+                **self.state_dict(),
+            }
+            if len(rng_per_rank) > 1:
+                state["rng_per_rank"] = rng_per_rank
+            save_checkpoint(path, state)
+            log.info("saved checkpoint %s", path)
+            for removed in prune_checkpoints(self.paths.ckpt_dir, self.trainer_config.keep_checkpoints,
+                                             self.trainer_config.max_steps):
+                log.info("removed old checkpoint %s", removed)
+        dist.barrier()
         return path
 
     def load(self, path: str) -> None:
@@ -307,5 +334,17 @@ class BaseSystem(Configurable):
         self.train_num_rays = int(state["train_num_rays"])
         self.lr_scale = float(state["lr_scale"])
         self.skipped_steps, self.rollbacks = int(state["skipped_steps"]), int(state["rollbacks"])
-        set_rng_state(state["rng"])
+        self.restore_rng(state)
         log.info("resumed from %s at step %d", path, self.global_step)
+
+    def restore_rng(self, state: Dict[str, Any]) -> None:
+        """Each rank continues its own random stream when the checkpoint comes from a run of the
+        same world size. Under another world size rank 0 continues the saved rank 0 stream and
+        the other ranks start fresh ones derived from (seed, rank, step)."""
+        saved = state.get("rng_per_rank", [state["rng"]])
+        if len(saved) == dist.world_size():
+            set_rng_state(saved[dist.rank()])
+        elif dist.is_main():
+            set_rng_state(state["rng"])
+        else:
+            seed_everything(dist.rank_seed(self.full_config.seed, dist.rank(), self.global_step))

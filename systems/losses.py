@@ -67,6 +67,21 @@ class LossConfig:
     lambda_distortion_bg: float = 0.0  # distortion of the background's weights (needs model.background)
 
 
+SAMPLE_MEAN_TERMS = ("eikonal", "sparsity")  # means over samples; every other term is a mean over rays
+
+
+def with_sample_weight(terms: Dict[str, torch.Tensor], weight: float) -> Dict[str, torch.Tensor]:
+    """The terms with the per-sample means (SAMPLE_MEAN_TERMS) times `weight`, total re-summed.
+
+    Data-parallel ranks draw equally many rays but not equally many samples, so the mean of
+    their per-sample means is not the mean over all samples. A rank that passes
+    weight = world_size * n_samples_here / n_samples_all_ranks makes the average of the
+    ranks' gradients exactly the gradient of the mean over all samples."""
+    scaled = {k: v * weight if k in SAMPLE_MEAN_TERMS else v for k, v in terms.items() if k != "total"}
+    scaled["total"] = sum(scaled.values())
+    return scaled
+
+
 def neus_losses(config: LossConfig, out: Dict, batch: Dict) -> Dict[str, torch.Tensor]:
     """The weighted loss terms that are switched on (weight > 0) and their sum under 'total'."""
     terms = {}

@@ -9,12 +9,13 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 import trimesh
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import MODELS
 from process_data import DATASETS
 from systems.base import BaseSystem
-from systems.losses import LossConfig, neus_losses
+from systems.losses import LossConfig, neus_losses, with_sample_weight
 from systems.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
 from systems.registry import SYSTEMS
 from utils.mesh import (
@@ -25,6 +26,7 @@ from utils.mesh import (
     save_mesh,
     to_world,
 )
+from utils import distributed as dist
 from utils.camera import downscale_matrix, orbit_poses
 from utils.metrics import mesh_metrics, psnr, ssim
 from utils.misc import map_in_chunks
@@ -49,50 +51,87 @@ class NeuSSystem(BaseSystem):
         self.optimizer = build_optimizer(self.model.parameter_groups(), self.config.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.config.scheduler)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.train_model = self.model if dist.world_size() == 1 else self.wrap_data_parallel(self.model, device)
         self.n_validations = 0
         self.eval_chunk_rays = self.trainer_config.eval_chunk_rays  # halved for good on out-of-memory
 
     # --- training -----------------------------------------------------------------------
+    @staticmethod
+    def wrap_data_parallel(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+        """DDP averages the gradients over ranks during backward (the eikonal term's
+        double backward included: its autograd.grad is taken w.r.t. the sample points inside
+        forward, so the parameters' gradients still accumulate once, in backward). Buffers are
+        not re-broadcast each forward: the occupancy grids are synchronised where they change
+        (update_occupancy), the schedules follow the step, identical on every rank."""
+        return DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
+
     def train_step(self, step: int) -> Dict[str, float]:
         self.model.train()
         self.model.set_step(step)
-        self.model.update_occupancy(step)
-        batch = self.dataset.sample_rays(self.train_num_rays)
-        out = self.model(batch["rays_o"], batch["rays_d"], batch["background"])
+        self.update_occupancy(step)
+        return self.optimise(self.dataset.sample_rays(self.rays_per_rank()))
+
+    def update_occupancy(self, step: int) -> None:
+        """Rank 0 updates the occupancy grids and the other ranks take a copy, so that every
+        rank marches through the same cells. The update draws random cells from torch's RNG,
+        which is each rank's own ray stream; copying rank 0's grid keeps the ranks identical
+        without a second random stream kept in step on every rank."""
+        if dist.is_main():
+            self.model.update_occupancy(step)
+        if dist.world_size() > 1:
+            dist.broadcast_(self.model.occupancy_state_updated_at(step))
+
+    def optimise(self, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """One optimisation step on this rank's rays; with several ranks the gradients are
+        those of the loss over all ranks' rays (mean over rays, and over samples for the
+        per-sample terms), and every rank skips a step that is non-finite on any rank."""
+        out = self.train_model(batch["rays_o"], batch["rays_d"], batch["background"])
         losses = neus_losses(self.config.loss, out, batch)
         self.optimizer.zero_grad(set_to_none=True)
         non_finite = [k for k, v in losses.items() if k != "total" and not torch.isfinite(v)]
+        n_rays, n_samples = batch["rays_o"].shape[0], out["n_samples"]
+        if dist.world_size() > 1:
+            # one all-reduce: ranks with a non-finite loss, and the step's rays and samples
+            bad_ranks, n_rays, n_samples = dist.all_reduce_sum(
+                torch.tensor([float(bool(non_finite)), n_rays, n_samples], dtype=torch.float64)
+            ).tolist()
+            n_rays, n_samples = int(n_rays), int(n_samples)
+            if bad_ranks and not non_finite:
+                non_finite.append("loss on another rank")
+            losses = with_sample_weight(losses, dist.world_size() * out["n_samples"] / max(n_samples, 1))
         if not non_finite and losses["total"].requires_grad:
             losses["total"].backward(inputs=self.params)
-            if not self.gradients_are_finite(self.params):
+            if not self.gradients_are_finite(self.params):  # averaged over ranks: the same everywhere
                 non_finite.append("gradient")
         if not non_finite:
             self.optimizer.step()
-            self.update_ray_count(out["n_samples"])
+            self.update_ray_count(n_rays, n_samples)
         self.scheduler.step()
         if non_finite:  # the parameters stay as they were; fit() counts the step and may roll back
             return {"skipped": 1.0, "non_finite": ", ".join(non_finite)}
-        n_rays = batch["rays_o"].shape[0]
         stats = {f"loss_{k}": v.item() for k, v in losses.items() if k != "total"}
+        stats.update(loss=losses["total"].item(), psnr=psnr(out["rgb"].detach(), batch["rgb"]))
+        if "background" in out:
+            stats["bg_samples_per_ray"] = out["background"]["n_samples"] / batch["rays_o"].shape[0]
+        stats = dist.mean_over_ranks(stats)
         stats.update(
-            loss=losses["total"].item(),
-            psnr=psnr(out["rgb"].detach(), batch["rgb"]),
             lr=self.optimizer.param_groups[0]["lr"],
             inv_s=out["inv_s"].item(),
             rays=float(n_rays),
-            samples_per_ray=out["n_samples"] / n_rays,
+            samples_per_ray=n_samples / n_rays,
             skipped=0.0,
         )
-        if "background" in out:
-            stats["bg_samples_per_ray"] = out["background"]["n_samples"] / n_rays
         return stats
 
-    def update_ray_count(self, n_samples: int) -> None:
-        """Scale the next batch so that it holds about num_samples_per_step samples."""
+    def update_ray_count(self, n_rays: int, n_samples: int) -> None:
+        """Scale the next step's rays (all ranks together) so that they hold about
+        num_samples_per_step samples; n_rays, n_samples: this step's, over all ranks."""
         cfg = self.trainer_config
         if not cfg.dynamic_ray_sampling:
             return
-        wanted = self.train_num_rays * cfg.num_samples_per_step / max(n_samples, 1)
+        wanted = n_rays * cfg.num_samples_per_step / max(n_samples, 1)
         self.train_num_rays = int(min(max(wanted, 64), cfg.max_train_num_rays))
 
     # --- evaluation ---------------------------------------------------------------------

@@ -8,6 +8,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "multiprocess: starts several processes (torch.distributed on gloo); deselect with -m 'not multiprocess'"
+    )
+
+
 DTU_SCAN24 = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "dtu_scan24"))
 
 

@@ -17,13 +17,31 @@ class TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(log_file: str = None, level=logging.INFO) -> None:
+class NullWriter:
+    """Stands in for TensorBoard's SummaryWriter on the ranks that do not write (all but 0)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def add_image(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def setup_logging(log_file: str = None, level=logging.INFO, rank: int = 0) -> None:
+    """Console (and train.log) lines. Ranks other than 0 print only warnings and errors,
+    tagged with their rank, and never write train.log."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     console = TqdmHandler()
-    console.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+    console.setFormatter(logging.Formatter(FORMAT if rank == 0 else f"[rank {rank}] {FORMAT}", "%H:%M:%S"))
     root.addHandler(console)
+    if rank > 0:
+        root.setLevel(logging.WARNING)
+        return
     if log_file:
         file_handler = logging.FileHandler(log_file)
         file_handler.setFormatter(logging.Formatter(FORMAT, "%Y-%m-%d %H:%M:%S"))
