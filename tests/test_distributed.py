@@ -18,6 +18,7 @@ import models.occupancy
 import systems.neus
 from tests.conftest import ROOT
 from process_data.synthetic import make_demo_scene
+from tests.test_background import SMALL_BACKGROUND
 from tests.test_reliability import CPU_CONFIG, TINY, build_system, poison
 from utils import distributed as dist
 from utils.checkpoint import load_checkpoint
@@ -28,6 +29,8 @@ WORLD = 2
 N_RAYS = 128  # the equivalence step's global batch: 64 rays per rank
 K_STEPS = 12
 POISONED_STEP = 5  # rank 1's loss is NaN at this step: both ranks must skip it
+# the K-step run has a background model too: a second occupancy grid, more parameters for DDP
+WITH_BACKGROUND = ["model.background.enabled=true", *SMALL_BACKGROUND, "system.loss.lambda_distortion_bg=0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +74,17 @@ def first_step(system, batch):
             "loss": stats["loss"], "samples_per_ray": stats["samples_per_ray"]}
 
 
+def continued(system, n_steps):
+    """n_steps more steps from system.global_step -> the model state after them."""
+    for _ in range(n_steps):
+        system.train_step(system.global_step)
+        system.global_step += 1
+    return {k: v.clone() for k, v in system.model.state_dict().items()}
+
+
 def worker(rank, port, scene, out_dir):
-    """One rank: the equivalence step, then K_STEPS of training; results to out_dir/rank<r>.pt."""
+    """One rank: the equivalence step; K_STEPS of training; a checkpoint, 4 more steps, and the
+    same 4 steps again after loading the checkpoint. Results to out_dir/rank<r>.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -85,15 +97,23 @@ def worker(rank, port, scene, out_dir):
         equivalence = first_step(system, batch)
         monkeypatch.undo()
 
-        system = build_system(scene, os.path.join(out_dir, "trial"))
+        system = build_system(scene, os.path.join(out_dir, "trial"), *WITH_BACKGROUND)
         torch.manual_seed(dist.rank_seed(system.full_config.seed, rank))
         poison(monkeypatch, {POISONED_STEP} if rank == 1 else set())
         first_rays = system.dataset.sample_rays(4)["rays_d"].clone()
         skipped = []
         for step in range(K_STEPS):
             skipped.append(system.train_step(step)["skipped"])
-        torch.save({"equivalence": equivalence, "first_rays": first_rays, "skipped": skipped,
-                    "state": system.model.state_dict(), "train_num_rays": system.train_num_rays},
+        state = {k: v.clone() for k, v in system.model.state_dict().items()}
+        train_num_rays = system.train_num_rays
+
+        system.global_step = K_STEPS
+        checkpoint = system.save()
+        straight = continued(system, 4)
+        system.load(checkpoint)
+        resumed = continued(system, 4)
+        torch.save({"equivalence": equivalence, "first_rays": first_rays, "skipped": skipped, "state": state,
+                    "train_num_rays": train_num_rays, "straight": straight, "resumed": resumed},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         monkeypatch.undo()
@@ -132,7 +152,15 @@ def test_ranks_agree_after_k_steps(two_ranks):
     assert a["state"].keys() == b["state"].keys()
     for key in a["state"]:  # parameters, occupancy grid (occs, binaries), schedules
         torch.testing.assert_close(a["state"][key], b["state"][key], rtol=0, atol=0, msg=key)
-    assert a["state"]["occupancy.estimator.binaries"].any()
+    assert a["state"]["occupancy.estimator.binaries"].any() and a["state"]["background.estimator.binaries"].any()
+
+
+def test_a_resumed_two_rank_run_continues_exactly(two_ranks):
+    """Same world size: each rank continues its own saved random stream, so the steps after a
+    reload repeat those that followed the save, bit for bit."""
+    for result in two_ranks:
+        for key, value in result["straight"].items():
+            torch.testing.assert_close(result["resumed"][key], value, rtol=0, atol=0, msg=key)
 
 
 # --- torchrun end to end ----------------------------------------------------------------------
