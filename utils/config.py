@@ -1,7 +1,9 @@
 """Config loading: YAML files + CLI overrides -> one resolved, validated OmegaConf tree.
 
 A config file may build on another with a top-level `base: other.yaml` (a path relative to
-the file), so a CPU-sized variant only lists what it changes. Command-line `key=value`
+the file), so a CPU-sized variant only lists what it changes. A section that names another
+component than the base's (`dataset: {name: blender}` over a `dtu` base) replaces the base's
+section instead of merging into it, since the two components have different keys. Command-line `key=value`
 arguments are OmegaConf dot-list overrides applied last.
 
 Every section is validated against the dataclass `Config` of the component it configures
@@ -103,7 +105,18 @@ def load_yaml_chain(path: str, _seen: tuple = ()) -> DictConfig:
     if base is None:
         return conf
     base_conf = load_yaml_chain(os.path.join(os.path.dirname(path), str(base)), _seen + (path,))
+    for key in list(conf.keys()):
+        if _names_another_component(conf.get(key), base_conf.get(key)):
+            base_conf.pop(key)  # another component has other keys: its section replaces the base's
     return OmegaConf.merge(base_conf, conf)
+
+
+def _names_another_component(section: Any, base_section: Any) -> bool:
+    """Whether a file's section names a different component (dataset.name: blender over dtu)."""
+    return (
+        isinstance(section, DictConfig) and isinstance(base_section, DictConfig)
+        and "name" in section and "name" in base_section and section.name != base_section.name
+    )
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
