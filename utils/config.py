@@ -139,11 +139,15 @@ def validate(raw: DictConfig) -> DictConfig:
     from process_data import DATASETS
     from systems import SYSTEMS, ExportConfig, TrainerConfig
 
+    # the named sections first: an unknown name is the error to report, not what follows from it
+    named = {
+        "dataset": _parse_named(DATASETS, raw.get("dataset"), "dataset"),
+        "model": _parse_named(MODELS, raw.get("model"), "model"),
+        "system": _parse_named(SYSTEMS, raw.get("system"), "system"),
+    }
     top = parse_structured(RunConfig, raw, "")
     sections: Dict[str, Any] = {k: top[k] for k in ("name", "tag", "seed", "device")}
-    sections["dataset"] = _parse_named(DATASETS, raw.get("dataset"), "dataset")
-    sections["model"] = _parse_named(MODELS, raw.get("model"), "model")
-    sections["system"] = _parse_named(SYSTEMS, raw.get("system"), "system")
+    sections.update(named)
     sections["trainer"] = parse_structured(TrainerConfig, raw.get("trainer"), "trainer")
     sections["export"] = parse_structured(ExportConfig, raw.get("export"), "export")
     conf = OmegaConf.create(sections)
