@@ -12,7 +12,9 @@ function in the NORMALISED frame (z up, everything inside radius ~0.72):
 joined with a polynomial smooth-min (k = 0.04), so small fillets form where they touch. The
 albedo is procedural and has texture at several scales: a per-primitive base colour, a
 slow colour drift, a soft 3D checker (cells 0.12), fine stripes (period 0.06), three
-octaves of value noise and sparse light and dark spots (noise and spots drawn from `seed`).
+octaves of value noise and sparse light and dark spots (noise and spots drawn from `seed`);
+with `detail` > 0 a layer of fine high-contrast spots (lattice period 1/60) is added on top,
+which gives SIFT enough corners to recover the cameras accurately (the imgs2poses test).
 Shading is Lambertian with one directional light from above plus ambient, no shadows, on a
 white background, so the scene is photo-consistent and has SIFT features all over the object.
 
@@ -39,7 +41,7 @@ Written to out_dir:
 
 Load it with process_data.dtu.load_neus_scene(out_dir, "cameras_sphere.npz", 1.0, use_masks=True).
 
-CLI: python -m process_data.synthetic --out inputs/demo_scene [--n_views 48 --width 400 --height 300 --overwrite]
+CLI: python -m process_data.synthetic --out inputs/demo_scene [--n_views 48 --width 400 --height 300 --detail 0 --overwrite]
 """
 import argparse
 import glob
@@ -160,7 +162,8 @@ class Albedo:
     """Procedural albedo with texture at several scales; `seed` draws the value-noise lattice
     and the phases of the colour drift."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, detail: float = 0.0):
+        self.detail = detail
         g = torch.Generator().manual_seed(seed)
         self.perm = torch.randperm(256, generator=g)  # [256] int64
         self.values = torch.rand(256, generator=g)  # [256]
@@ -209,6 +212,12 @@ class Albedo:
         light = ((spots - 0.78) / 0.04).clamp(0.0, 1.0)
         dark = ((0.22 - spots) / 0.04).clamp(0.0, 1.0)
         color = color + light[:, None] * (0.95 - color) * 0.8 - dark[:, None] * color * 0.75
+        if self.detail > 0:
+            # fine spots a few pixels across at 400x300: corners that SIFT localises well
+            fine = self.value_noise(p * 60.0 + 3.0)
+            light = ((fine - 0.7) / 0.05).clamp(0.0, 1.0)
+            dark = ((0.3 - fine) / 0.05).clamp(0.0, 1.0)
+            color = color + self.detail * (light[:, None] * (0.95 - color) - dark[:, None] * color)
         return color.clamp(0.0, 1.0)
 
 
@@ -368,8 +377,11 @@ def ground_truth_mesh(resolution: int = MESH_RESOLUTION) -> Tuple[np.ndarray, np
     return marching_cubes(values, box[0], voxel, 0.0)
 
 
-def _params(n_views: int, width: int, height: int, seed: int) -> Dict:
-    return {"n_views": int(n_views), "width": int(width), "height": int(height), "seed": int(seed)}
+def _params(n_views: int, width: int, height: int, seed: int, detail: float) -> Dict:
+    params = {"n_views": int(n_views), "width": int(width), "height": int(height), "seed": int(seed)}
+    if detail > 0:  # only then: scenes rendered before `detail` existed keep matching their marker
+        params["detail"] = float(detail)
+    return params
 
 
 def _read_marker(out_dir: str):
@@ -388,7 +400,8 @@ def _write_json(path: str, content: Dict) -> None:
 
 
 def make_demo_scene(
-    out_dir: str, n_views: int = 48, width: int = 400, height: int = 300, seed: int = 0, overwrite: bool = False
+    out_dir: str, n_views: int = 48, width: int = 400, height: int = 300, seed: int = 0, overwrite: bool = False,
+    detail: float = 0.0,
 ) -> str:
     """Render the demo scene into out_dir in the NeuS format (see the module docstring) and
     return out_dir.
@@ -397,10 +410,11 @@ def make_demo_scene(
     as it is unless overwrite; one with other parameters is replaced. A folder holding other
     data (image/, mask/ or cameras_sphere.npz without this generator's scene.json) is left
     alone with FileExistsError unless overwrite.
-    Images are [height, width] RGB; n_views views; seed draws the texture noise."""
+    Images are [height, width] RGB; n_views views; seed draws the texture noise; detail (0-1) is
+    the contrast of the extra fine spots (0: none, the demo scene)."""
     if n_views < 1 or width < 8 or height < 8:
         raise ValueError(f"need n_views >= 1 and an image of at least 8x8, got {n_views} views of {width}x{height}")
-    params = _params(n_views, width, height, seed)
+    params = _params(n_views, width, height, seed, detail)
     marker = _read_marker(out_dir)
     ours = isinstance(marker, dict) and marker.get("generator") == GENERATOR
     if (
@@ -448,7 +462,7 @@ def _render_scene(out_dir: str, params: Dict) -> None:
     K = intrinsics(width, height)
     c2ws = camera_poses(n_views)
     scale_mat = scale_matrix()
-    albedo = Albedo(seed)
+    albedo = Albedo(seed, params.get("detail", 0.0))
     image_digits, mask_digits = max(6, len(str(n_views - 1))), max(3, len(str(n_views - 1)))
     cameras = {}
     camera_mat = np.eye(4)
@@ -500,10 +514,11 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=400)
     parser.add_argument("--height", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--detail", type=float, default=0.0, help="contrast of extra fine spots for SIFT (0-1; 0: none)")
     parser.add_argument("--overwrite", action="store_true", help="re-render even if the scene is already there")
     args = parser.parse_args(argv)
     start = time.time()
-    out = make_demo_scene(args.out, args.n_views, args.width, args.height, args.seed, args.overwrite)
+    out = make_demo_scene(args.out, args.n_views, args.width, args.height, args.seed, args.overwrite, args.detail)
     print(f"demo scene in {out} ({time.time() - start:.1f} s)")
 
 

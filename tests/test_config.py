@@ -143,11 +143,11 @@ def test_unknown_top_level_section_lists_valid_sections(tmp_path):
 
 
 def test_unknown_dataset_name_lists_registered_datasets(tmp_path):
-    child = write_yaml(tmp_path / "child.yaml", f"base: {CPU_CONFIG}\ndataset:\n  name: blender\n")
+    child = write_yaml(tmp_path / "child.yaml", f"base: {CPU_CONFIG}\ndataset:\n  name: llff\n")
     with pytest.raises(ConfigError) as err:
         load_config(child)
     message = str(err.value)
-    assert "dataset.name" in message and "'blender'" in message and "valid names: demo, dtu" in message
+    assert "dataset.name" in message and "'llff'" in message and "valid names: blender, colmap, demo, dtu" in message
 
 
 def test_unknown_encoding_otype_lists_registered_encodings(tmp_path):

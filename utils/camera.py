@@ -56,3 +56,55 @@ def orbit_poses(c2w: np.ndarray, n_frames: int) -> np.ndarray:
     angles = np.linspace(0.0, 2.0 * np.pi, n_frames, endpoint=False)
     positions = heights.mean() * axis + radius * (np.cos(angles)[:, None] * e1 + np.sin(angles)[:, None] * e2)
     return np.stack([look_at(p, np.zeros(3), up) for p in positions])
+
+
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
+    """The similarity that best maps source points onto target points (Umeyama 1991), least
+    squares: argmin_{s, R, t} sum_i |target_i - (s R source_i + t)|^2.
+
+    With centred points a_i = source_i - mean(source), b_i = target_i - mean(target),
+    U D V^T = SVD(sum_i b_i a_i^T / N), S = diag(1, 1, det(U V^T)):
+    R = U S V^T, s = trace(D S) / (sum_i |a_i|^2 / N), t = mean(target) - s R mean(source).
+    source, target [N, 3] (N >= 3, not collinear) -> s, R [3, 3], t [3]"""
+    mu_a, mu_b = source.mean(0), target.mean(0)
+    a, b = source - mu_a, target - mu_b  # [N, 3]
+    U, D, Vt = np.linalg.svd(b.T @ a / len(a))
+    S = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
+    R = U @ S @ Vt
+    s = float(np.trace(np.diag(D) @ S) / (a * a).sum(1).mean())
+    return s, R, mu_b - s * R @ mu_a
+
+
+def aligned_pose_errors(c2w: np.ndarray, c2w_true: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Tuple]:
+    """Errors of estimated camera poses against the true ones after aligning the estimated
+    centres to the true centres by a similarity (similarity_transform): the frames of two
+    reconstructions agree only up to scale, rotation and translation.
+
+    Rotation error of view i: the angle of R_true_i^T (R R_i) (R_i, R_true_i camera-to-world).
+    Centre error of view i: |s R c_i + t - c_true_i| as a fraction of the camera distance,
+    the mean distance of the true centres from the point their optical axes meet
+    (axes_meeting_point).
+    c2w, c2w_true [N, 3, 4] -> rotation errors [N] degrees, centre errors [N] as fractions of
+    the camera distance, (s, R, t)."""
+    s, R, t = similarity_transform(c2w[:, :, 3], c2w_true[:, :, 3])
+    rotations = np.einsum("ij,njk->nik", R, c2w[:, :, :3])  # [N, 3, 3]
+    relative = np.einsum("nji,njk->nik", c2w_true[:, :, :3], rotations)  # [N, 3, 3]
+    cos = np.clip((np.trace(relative, axis1=1, axis2=2) - 1.0) / 2.0, -1.0, 1.0)
+    centres = s * c2w[:, :, 3] @ R.T + t  # [N, 3]
+    target = axes_meeting_point(c2w_true)
+    distance = np.linalg.norm(c2w_true[:, :, 3] - target, axis=1).mean()
+    return np.degrees(np.arccos(cos)), np.linalg.norm(centres - c2w_true[:, :, 3], axis=1) / distance, (s, R, t)
+
+
+def axes_meeting_point(c2w: np.ndarray) -> np.ndarray:
+    """The point nearest to all optical axes (least squares), where cameras that look at an
+    object meet: argmin_x sum_i |(I - d_i d_i^T)(x - c_i)|^2, so
+    x = (sum_i I - d_i d_i^T)^-1 sum_i (I - d_i d_i^T) c_i, with centres c_i and unit
+    forward axes d_i (OpenCV: the third column of camera-to-world).
+    c2w [N, 3, 4] -> [3]; near-parallel axes (a forward-facing capture) have no meeting point
+    and give the least-squares solution of smallest norm."""
+    d = c2w[:, :, 2] / np.linalg.norm(c2w[:, :, 2], axis=1, keepdims=True)  # [N, 3]
+    projectors = np.eye(3) - d[:, :, None] * d[:, None, :]  # [N, 3, 3]
+    A = projectors.sum(0)
+    b = np.einsum("nij,nj->i", projectors, c2w[:, :, 3])
+    return np.linalg.lstsq(A, b, rcond=1e-6)[0]

@@ -1,7 +1,9 @@
 """Config loading: YAML files + CLI overrides -> one resolved, validated OmegaConf tree.
 
 A config file may build on another with a top-level `base: other.yaml` (a path relative to
-the file), so a CPU-sized variant only lists what it changes. Command-line `key=value`
+the file), so a CPU-sized variant only lists what it changes. A section that names another
+component than the base's (`dataset: {name: blender}` over a `dtu` base) replaces the base's
+section instead of merging into it, since the two components have different keys. Command-line `key=value`
 arguments are OmegaConf dot-list overrides applied last.
 
 Every section is validated against the dataclass `Config` of the component it configures
@@ -103,7 +105,18 @@ def load_yaml_chain(path: str, _seen: tuple = ()) -> DictConfig:
     if base is None:
         return conf
     base_conf = load_yaml_chain(os.path.join(os.path.dirname(path), str(base)), _seen + (path,))
+    for key in list(conf.keys()):
+        if _names_another_component(conf.get(key), base_conf.get(key)):
+            base_conf.pop(key)  # another component has other keys: its section replaces the base's
     return OmegaConf.merge(base_conf, conf)
+
+
+def _names_another_component(section: Any, base_section: Any) -> bool:
+    """Whether a file's section names a different component (dataset.name: blender over dtu)."""
+    return (
+        isinstance(section, DictConfig) and isinstance(base_section, DictConfig)
+        and "name" in section and "name" in base_section and section.name != base_section.name
+    )
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -126,11 +139,15 @@ def validate(raw: DictConfig) -> DictConfig:
     from process_data import DATASETS
     from systems import SYSTEMS, ExportConfig, TrainerConfig
 
+    # the named sections first: an unknown name is the error to report, not what follows from it
+    named = {
+        "dataset": _parse_named(DATASETS, raw.get("dataset"), "dataset"),
+        "model": _parse_named(MODELS, raw.get("model"), "model"),
+        "system": _parse_named(SYSTEMS, raw.get("system"), "system"),
+    }
     top = parse_structured(RunConfig, raw, "")
     sections: Dict[str, Any] = {k: top[k] for k in ("name", "tag", "seed", "device")}
-    sections["dataset"] = _parse_named(DATASETS, raw.get("dataset"), "dataset")
-    sections["model"] = _parse_named(MODELS, raw.get("model"), "model")
-    sections["system"] = _parse_named(SYSTEMS, raw.get("system"), "system")
+    sections.update(named)
     sections["trainer"] = parse_structured(TrainerConfig, raw.get("trainer"), "trainer")
     sections["export"] = parse_structured(ExportConfig, raw.get("export"), "export")
     conf = OmegaConf.create(sections)

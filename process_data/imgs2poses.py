@@ -1,0 +1,296 @@
+"""Camera poses for a folder of photos: structure from motion with pycolmap (COLMAP as a
+PyPI wheel, no system COLMAP needed), then undistortion to a pinhole camera.
+
+Reads DIR/images/*.jpg|png (your photos, left untouched); writes
+
+    DIR/colmap/database.db      SIFT features and geometrically verified matches
+    DIR/colmap/sparse/0/        the model as mapped: one shared camera with lens distortion
+    DIR/sparse/0/               the UNDISTORTED model: one PINHOLE camera, the poses of the
+                                registered photos, the sparse points (cameras/images/points3D.bin)
+    DIR/images_undistorted/     the registered photos undistorted to that camera (same names)
+    DIR/masks_undistorted/      when DIR/masks/ holds masks of the photos (NAME, NAME.png or
+                                STEM.png; white = object): them, undistorted the same way
+
+Stages: SIFT extraction -> matching (exhaustive: every pair; sequential: each photo with its
+neighbours in name order, for video frames) -> incremental mapping -> undistortion. All photos
+share one camera (one lens and zoom, as in a normal capture): one calibration from all
+photos, and one image size after undistortion, which the NeuS format needs.
+
+Next step: python -m process_data.gen_cameras DIR (NeuS format), or train on DIR directly
+with the `colmap` dataset.
+
+Progress: a bar for extraction and mapping; COLMAP's own log lines for matching (its blocks
+or images); --verbose shows all of COLMAP's log.
+
+CLI: python -m process_data.imgs2poses DIR [--matcher exhaustive|sequential] [--camera_model SIMPLE_RADIAL]
+     [--min_registered N] [--max_image_size PX] [--num_threads N] [--seed 0] [--verbose]
+"""
+import argparse
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from process_data.colmap import SPARSE_MODEL, import_pycolmap, mask_path
+from process_data.dtu import DatasetError, list_images
+
+pycolmap = import_pycolmap()
+
+log = logging.getLogger("imgs2poses")
+
+MATCHERS = ("exhaustive", "sequential")
+UNDISTORTED_IMAGES = "images_undistorted"
+UNDISTORTED_MASKS = "masks_undistorted"
+EXTRACTION_CHUNK = 8  # photos per extraction call: the progress bar's step
+COLMAP_INFO, COLMAP_WARNING = 0, 1  # glog levels of COLMAP's log
+
+
+@dataclass
+class SfMOptions:
+    matcher: str = "exhaustive"  # exhaustive | sequential (photos taken in order, e.g. video frames)
+    camera_model: str = "SIMPLE_RADIAL"  # COLMAP camera model of the lens (OPENCV for strong distortion)
+    min_registered: int = 0  # fewer registered photos is an error; 0: 80% of the photos (at least 2)
+    max_image_size: int = 3200  # SIFT runs on photos downscaled to this many pixels on the long side
+    peak_threshold: float = 0.02 / 3  # SIFT contrast threshold (COLMAP's); lower finds more features on weak texture
+    domain_size_pooling: bool = False  # DSP-SIFT descriptors: better matches across wide baselines, slower
+    num_threads: int = -1  # -1: all cores
+    sequential_overlap: int = 10  # sequential matcher: neighbours matched on each side
+    seed: int = 0
+    verbose: bool = False  # all of COLMAP's log lines
+
+
+def photo_names(image_dir: str) -> List[str]:
+    """Names (relative to image_dir) of the photos to reconstruct; at least two."""
+    if not os.path.isdir(image_dir):
+        raise DatasetError(f"{image_dir} not found: put your photos (.jpg/.png) in an images/ folder inside the scene folder")
+    names = [os.path.basename(p) for p in list_images(image_dir)]
+    if not names:
+        raise DatasetError(f"no images (.png/.jpg) in {image_dir}")
+    if len(names) == 1:
+        raise DatasetError(
+            f"{image_dir} holds a single photo ({names[0]}): structure from motion needs at least 2 overlapping "
+            "photos, and NeuS about 20 (simple object) to 40 (complex object) from all around it"
+        )
+    return names
+
+
+def required_registrations(n_photos: int, min_registered: int) -> int:
+    """The fewest registered photos accepted: min_registered, or ceil(0.8 n) (at least 2) when 0."""
+    return min_registered if min_registered > 0 else max(2, math.ceil(0.8 * n_photos))
+
+
+def verified_partners(database_path: str, min_inliers: int) -> Dict[str, int]:
+    """For every photo in the database, how many other photos it shares >= min_inliers
+    geometrically verified matches with."""
+    database = pycolmap.Database.open(database_path)
+    try:
+        names = {image.image_id: image.name for image in database.read_all_images()}
+        partners = dict.fromkeys(names.values(), 0)
+        pair_ids, geometries = database.read_two_view_geometries()
+        for pair_id, geometry in zip(pair_ids, geometries):
+            if len(geometry.inlier_matches) >= min_inliers:
+                for image_id in pycolmap.pair_id_to_image_pair(pair_id):
+                    partners[names[image_id]] += 1
+    finally:
+        database.close()
+    return partners
+
+
+def extract_features(database_path: str, image_dir: str, names: List[str], options: SfMOptions) -> None:
+    """SIFT features of all photos into the database, in chunks (for the progress bar); the
+    first chunk creates the one shared camera, the others join it."""
+    sift = pycolmap.SiftExtractionOptions(
+        peak_threshold=options.peak_threshold, domain_size_pooling=options.domain_size_pooling
+    )
+    extraction = pycolmap.FeatureExtractionOptions(
+        num_threads=options.num_threads, max_image_size=options.max_image_size, sift=sift
+    )
+    with tqdm(total=len(names), desc="SIFT features", unit="photo") as bar:
+        for start in range(0, len(names), EXTRACTION_CHUNK):
+            reader = pycolmap.ImageReaderOptions(camera_model=options.camera_model)
+            if start > 0:
+                reader.existing_camera_id = 1
+            chunk = names[start : start + EXTRACTION_CHUNK]
+            pycolmap.extract_features(
+                database_path, image_dir, image_names=chunk, camera_mode=pycolmap.CameraMode.SINGLE,
+                reader_options=reader, extraction_options=extraction,
+            )
+            bar.update(len(chunk))
+
+
+def match_features(database_path: str, options: SfMOptions) -> None:
+    matching = pycolmap.FeatureMatchingOptions(num_threads=options.num_threads)
+    if options.matcher == "exhaustive":
+        pycolmap.match_exhaustive(database_path, matching_options=matching)
+    else:
+        pairing = pycolmap.SequentialPairingOptions(overlap=options.sequential_overlap, num_threads=options.num_threads)
+        pycolmap.match_sequential(database_path, matching_options=matching, pairing_options=pairing)
+
+
+def map_photos(database_path: str, image_dir: str, model_dir: str, n_photos: int, options: SfMOptions):
+    """Incremental mapping -> the model with the most registered photos (None if none formed)."""
+    mapping = pycolmap.IncrementalPipelineOptions(num_threads=options.num_threads, random_seed=options.seed)
+    with tqdm(total=n_photos, desc="mapping", unit="photo") as bar:
+        models = pycolmap.incremental_mapping(
+            database_path, image_dir, model_dir, options=mapping, next_image_callback=lambda: bar.update(1)
+        )
+    if not models:
+        return None
+    if len(models) > 1:
+        sizes = sorted((m.num_reg_images() for m in models.values()), reverse=True)
+        log.warning("the photos fell into %d separate models (%s photos); keeping the largest", len(models), sizes)
+    return max(models.values(), key=lambda m: m.num_reg_images())
+
+
+def check_registration(model, names: List[str], database_path: str, image_dir: str, required: int) -> None:
+    """Refuse a model with fewer than `required` registered photos, naming those that failed."""
+    registered = {model.image(i).name for i in model.reg_image_ids()} if model is not None else set()
+    failed = [n for n in names if n not in registered]
+    if len(registered) >= required:
+        if failed:
+            log.warning("%d of %d photos did not register and are left out: %s", len(failed), len(names), ", ".join(failed))
+        return
+    partners = verified_partners(database_path, pycolmap.TwoViewGeometryOptions().min_num_inliers)
+    isolated = [n for n in names if partners.get(n, 0) == 0]
+    why = (
+        f"{len(isolated)} of them share no verified matches with any other photo ({', '.join(isolated)}): "
+        "the photos do not overlap, or show too little texture"
+        if isolated
+        else "the photos match in pairs but do not chain into one model: add photos between the views"
+    )
+    raise DatasetError(
+        f"only {len(registered)} of the {len(names)} photos in {image_dir} registered (at least {required} needed; "
+        f"--min_registered sets it). Not registered: {', '.join(failed)}. {why}. Take overlapping photos "
+        "(neighbours share most of the view) of a textured object, with the object in the middle"
+    )
+
+
+def undistort(model_dir: str, image_dir: str, scene_dir: str, num_threads: int) -> None:
+    """Undistort the registered photos to a PINHOLE camera: DIR/sparse/0, DIR/images_undistorted."""
+    staging = os.path.join(scene_dir, "colmap", "undistorted")
+    shutil.rmtree(staging, ignore_errors=True)
+    pycolmap.undistort_images(staging, model_dir, image_dir, output_type="COLMAP", num_threads=num_threads)
+    # COLMAP's layout is staging/{images,sparse,stereo}; the NeuS tools expect sparse/0
+    for source, target in ((os.path.join(staging, "sparse"), SPARSE_MODEL), (os.path.join(staging, "images"), UNDISTORTED_IMAGES)):
+        target = os.path.join(scene_dir, target)
+        shutil.rmtree(target, ignore_errors=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(source, target)
+    shutil.rmtree(staging)
+
+
+def undistortion_maps(distorted, pinhole):
+    """cv2.remap maps [H, W] float32 (x, y) that sample a photo of the distorted pycolmap
+    camera at every pixel of the pinhole one. COLMAP's pixel coordinates put the top-left pixel
+    centre at (0.5, 0.5), OpenCV's at (0, 0): hence the +-0.5."""
+    u, v = np.meshgrid(np.arange(pinhole.width) + 0.5, np.arange(pinhole.height) + 0.5)
+    rays = pinhole.cam_from_img(np.stack([u.ravel(), v.ravel()], axis=1))  # [H*W, 2] normalised image plane
+    pixels = distorted.img_from_cam(np.concatenate([rays, np.ones((len(rays), 1))], axis=1)) - 0.5  # [H*W, 2]
+    pixels = pixels.astype(np.float32).reshape(pinhole.height, pinhole.width, 2)
+    return pixels[:, :, 0], pixels[:, :, 1]
+
+
+def undistort_masks(mask_dir: str, distorted_model, scene_dir: str) -> None:
+    """The masks of the registered photos, undistorted like the photos, into
+    DIR/masks_undistorted/STEM.png (0 or 255)."""
+    pinhole_model = pycolmap.Reconstruction(os.path.join(scene_dir, SPARSE_MODEL))
+    out_dir = os.path.join(scene_dir, UNDISTORTED_MASKS)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    maps = {}
+    for image_id in tqdm(distorted_model.reg_image_ids(), desc="undistorting masks", unit="mask"):
+        image = distorted_model.image(image_id)
+        path = mask_path(mask_dir, image.name)
+        mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+        camera = distorted_model.camera(image.camera_id)
+        if mask is None or mask.shape != (camera.height, camera.width):
+            raise DatasetError(f"mask {path} is unreadable or not {camera.width}x{camera.height} like photo {image.name}")
+        if image.camera_id not in maps:
+            pinhole = pinhole_model.camera(pinhole_model.find_image_with_name(image.name).camera_id)
+            maps[image.camera_id] = undistortion_maps(camera, pinhole)
+        undistorted = cv2.remap(mask, *maps[image.camera_id], cv2.INTER_LINEAR, borderValue=0)
+        cv2.imwrite(os.path.join(out_dir, os.path.splitext(image.name)[0] + ".png"), np.where(undistorted > 127, 255, 0).astype(np.uint8))
+
+
+def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):
+    """All stages on scene_dir/images (see the module docstring) -> the undistorted model."""
+    if options.matcher not in MATCHERS:
+        raise DatasetError(f"matcher must be one of {', '.join(MATCHERS)}, got '{options.matcher}'")
+    image_dir = os.path.join(scene_dir, "images")
+    names = photo_names(image_dir)
+    required = required_registrations(len(names), options.min_registered)
+    work_dir = os.path.join(scene_dir, "colmap")
+    # a fresh database: re-running must not add a second copy of every photo's features
+    shutil.rmtree(work_dir, ignore_errors=True)
+    os.makedirs(os.path.join(work_dir, "sparse"))
+    database_path = os.path.join(work_dir, "database.db")
+    pycolmap.set_random_seed(options.seed)
+    quiet = COLMAP_INFO if options.verbose else COLMAP_WARNING
+    pycolmap.logging.minloglevel = quiet
+
+    start = time.time()
+    log.info("[1/4] SIFT features of %d photos in %s", len(names), image_dir)
+    extract_features(database_path, image_dir, names, options)
+    log.info("[2/4] %s matching (%.1f s so far); COLMAP's progress follows", options.matcher, time.time() - start)
+    pycolmap.logging.minloglevel = COLMAP_INFO
+    match_features(database_path, options)
+    pycolmap.logging.minloglevel = quiet
+    log.info("[3/4] incremental mapping (%.1f s so far)", time.time() - start)
+    model = map_photos(database_path, image_dir, os.path.join(work_dir, "sparse"), len(names), options)
+    check_registration(model, names, database_path, image_dir, required)
+    model_dir = os.path.join(work_dir, "sparse", "0")
+    model.write(model_dir)  # the largest model, whichever number the mapper gave it
+    log.info(
+        "registered %d/%d photos, %d sparse points, mean reprojection error %.2f px",
+        model.num_reg_images(), len(names), model.num_points3D(), model.compute_mean_reprojection_error(),
+    )
+    log.info("[4/4] undistorting to a pinhole camera (%.1f s so far)", time.time() - start)
+    undistort(model_dir, image_dir, scene_dir, options.num_threads)
+    mask_dir = os.path.join(scene_dir, "masks")
+    if os.path.isdir(mask_dir):
+        undistort_masks(mask_dir, model, scene_dir)
+    log.info("done in %.1f s: %s and %s", time.time() - start,
+             os.path.join(scene_dir, SPARSE_MODEL), os.path.join(scene_dir, UNDISTORTED_IMAGES))
+    return pycolmap.Reconstruction(os.path.join(scene_dir, SPARSE_MODEL))
+
+
+def main(argv=None) -> int:
+    defaults = SfMOptions()
+    parser = argparse.ArgumentParser(description="Camera poses of DIR/images/* by structure from motion (pycolmap).")
+    parser.add_argument("scene_dir", metavar="DIR", help="scene folder; the photos are in DIR/images/")
+    parser.add_argument("--matcher", choices=MATCHERS, default=defaults.matcher,
+                        help="exhaustive: every pair (up to a few hundred photos); sequential: neighbours in name order")
+    parser.add_argument("--camera_model", default=defaults.camera_model,
+                        help="COLMAP camera model: SIMPLE_RADIAL (default), RADIAL, OPENCV (wide-angle), PINHOLE")
+    parser.add_argument("--min_registered", type=int, default=defaults.min_registered,
+                        help="fewest registered photos accepted (default: 80%% of them)")
+    parser.add_argument("--max_image_size", type=int, default=defaults.max_image_size)
+    parser.add_argument("--peak_threshold", type=float, default=defaults.peak_threshold,
+                        help="SIFT contrast threshold; lower it (e.g. 0.002) for weakly textured objects")
+    parser.add_argument("--domain_size_pooling", action="store_true",
+                        help="DSP-SIFT descriptors: more matches between distant views, slower")
+    parser.add_argument("--num_threads", type=int, default=defaults.num_threads)
+    parser.add_argument("--sequential_overlap", type=int, default=defaults.sequential_overlap)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--verbose", action="store_true", help="show all of COLMAP's log lines")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    options = SfMOptions(**{k: v for k, v in vars(args).items() if k != "scene_dir"})
+    try:
+        run_sfm(args.scene_dir, options)
+    except DatasetError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
