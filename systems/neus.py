@@ -58,17 +58,25 @@ class NeuSSystem(BaseSystem):
         self.model.set_step(step)
         self.model.update_occupancy(step)
         batch = self.dataset.sample_rays(self.train_num_rays)
-        out = self.model(batch["rays_o"], batch["rays_d"], batch["background"])
+        with self.autocast():  # the networks' matmuls; their outputs and all that follows are float32
+            out = self.model(batch["rays_o"], batch["rays_d"], batch["background"])
+        # outside autocast: binary_cross_entropy refuses it, and the losses are float32 anyway
         losses = neus_losses(self.config.loss, out, batch)
         self.optimizer.zero_grad(set_to_none=True)
         non_finite = [k for k, v in losses.items() if k != "total" and not torch.isfinite(v)]
-        if not non_finite and losses["total"].requires_grad:
-            losses["total"].backward(inputs=self.params)
+        backward = not non_finite and losses["total"].requires_grad
+        if backward:
+            self.scaler.scale(losses["total"]).backward(inputs=self.params)
+            self.scaler.unscale_(self.optimizer)  # true gradients (fp16-mixed), checked like fp32 ones
             if not self.gradients_are_finite(self.params):
                 non_finite.append("gradient")
         if not non_finite:
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
             self.update_ray_count(out["n_samples"])
+        if backward:  # fp16-mixed: grows the loss scale, or halves it after a non-finite gradient
+            self.scaler.update()
+            if self.mixed_precision and "gradient" in non_finite:
+                non_finite[-1] = f"gradient (float16 overflow? loss scale now {self.scaler.get_scale():g})"
         self.scheduler.step()
         if non_finite:  # the parameters stay as they were; fit() counts the step and may roll back
             return {"skipped": 1.0, "non_finite": ", ".join(non_finite)}
@@ -83,6 +91,8 @@ class NeuSSystem(BaseSystem):
             samples_per_ray=out["n_samples"] / n_rays,
             skipped=0.0,
         )
+        if self.mixed_precision:
+            stats["loss_scale"] = self.scaler.get_scale()
         if "background" in out:
             stats["bg_samples_per_ray"] = out["background"]["n_samples"] / n_rays
         return stats
