@@ -22,7 +22,13 @@ import yaml
 import encoder.hashgrid
 import models.occupancy
 from encoder.hashgrid import TCNN_INSTALL, HashGrid, choose_backend, tcnn_import_error, tcnn_params_from_table
-from models.occupancy import OccupancyGrid, choose_occupancy_backend, march_rays, ray_aabb_intersect
+from models.occupancy import (
+    OccupancyGrid,
+    choose_occupancy_backend,
+    march_rays,
+    nerfacc_cuda_error,
+    ray_aabb_intersect,
+)
 from models.rendering import NERFACC_OPS, TORCH_OPS, PackedOps, neus_alpha
 from systems.backends import choose_precision
 from tests.test_encoders import reference_encode, reference_layout
@@ -32,6 +38,10 @@ from utils.config import ConfigError, load_config
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available")
+needs_nerfacc = pytest.mark.skipif(
+    not CUDA or nerfacc_cuda_error() is not None,
+    reason="CUDA not available" if not CUDA else f"nerfacc's CUDA code cannot run here ({nerfacc_cuda_error()})",
+)
 needs_tcnn = pytest.mark.skipif(
     not CUDA or tcnn_import_error() is not None,
     reason="CUDA not available" if not CUDA else f"tinycudann not importable ({tcnn_import_error()})",
@@ -238,7 +248,7 @@ def fixed_grids(device):
     return grids
 
 
-@needs_cuda
+@needs_nerfacc
 def test_nerfacc_sampling_matches_march_rays():
     torch_grid, nerfacc_grid = fixed_grids("cuda")
     assert nerfacc_grid.backend == "nerfacc"
@@ -249,7 +259,7 @@ def test_nerfacc_sampling_matches_march_rays():
         assert_same_samples(ours, reference, rays_o, rays_d, step, face_tol)
 
 
-@needs_cuda
+@needs_nerfacc
 def test_nerfacc_early_stop_keeps_the_same_samples():
     """With a sphere's head-on NeuS alpha both backends cut each ray where its transmittance falls
     below early_stop_eps; only a sample whose transmittance lies within 1% of it may differ
@@ -329,7 +339,7 @@ def test_rendering_harness_torch_against_the_naive_loops():
     assert_same(ours, reference, rtol=1e-10, rel_atol=1e-12)
 
 
-@needs_cuda
+@needs_nerfacc
 def test_nerfacc_packed_rendering_matches_torch():
     """float32 (nerfacc's scans are float32 only). Tolerance: the 200-sample ray's products are
     formed in another order by nerfacc's parallel scan, ~n eps = 1e-5 relative."""
@@ -339,7 +349,7 @@ def test_nerfacc_packed_rendering_matches_torch():
     assert_same(ours, reference, rtol=1e-4, rel_atol=1e-5)
 
 
-@needs_cuda
+@needs_nerfacc
 def test_nerfacc_packed_rendering_values_with_an_opaque_sample():
     """alpha = 1 exactly: the values agree; nerfacc's gradient through (1 - alpha) = 0 is 0 instead
     of the true one (a documented nerfacc limitation), so only the torch gradient is exact there."""
