@@ -16,6 +16,7 @@ import signal
 import sys
 from datetime import datetime
 
+import yaml
 from omegaconf import OmegaConf
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
 
 def run_command(argv=None) -> int:
     args, overrides = parse_args(argv)
+    from models.occupancy import NERFACC_FIRST_USE
     from process_data.dtu import DatasetError
     from systems import SYSTEMS, RunPaths
     from systems.base import TrainingDiverged, TrainingInterrupted
@@ -130,10 +132,15 @@ def run_command(argv=None) -> int:
     log.info("run folder: %s", os.path.abspath(trial_dir))
     if checkpoint is not None:
         log.info("from checkpoint %s (step %d)", checkpoint, system.global_step)
+    log.info("backends: %s", ", ".join(f"{key}={value}" for key, value in system.backends.items()))
+    if "nerfacc" in system.backends.values():
+        log.info(NERFACC_FIRST_USE)
     if args.train and dist.is_main():
         raw = OmegaConf.merge(load_yaml_chain(args.config), parse_overrides(overrides))
         OmegaConf.save(raw, os.path.join(paths.config_dir, "raw.yaml"))
         OmegaConf.save(config, os.path.join(paths.config_dir, "parsed.yaml"))
+        with open(os.path.join(paths.config_dir, "backends.yaml"), "w") as f:  # what `auto` became here
+            yaml.safe_dump(system.backends, f, sort_keys=False)
         snapshot_code(paths.code_dir)
     dist.barrier()
 

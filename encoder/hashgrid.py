@@ -10,11 +10,11 @@ uniform in [-1e-4, 1e-4]. Output is level-major: [l0 f0, l0 f1, l1 f0, ...].
 
 `backend: torch` is the plain-PyTorch reference (works everywhere; gathers are done
 level-major with one `index_select` on flat indices, which is what makes it fast on CPU);
-`backend: tcnn` wraps `tinycudann.Encoding` (CUDA only); `auto` takes tcnn only on CUDA
-when it imports. On top of either sits the progressive band mask (Neuralangelo /
+`backend: tcnn` wraps `tinycudann.Encoding` (CUDA only; its flat parameters are this table
+flattened row-major, see `tcnn_params_from_table`); `auto` takes tcnn only on CUDA when it
+imports. On top of either sits the progressive band mask (Neuralangelo /
 instant-nsr-pl): only the first `current_level` levels are active; the rest output zeros.
 """
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Tuple
@@ -23,9 +23,7 @@ import torch
 from torch import nn
 
 from encoder.registry import ENCODINGS
-from utils.config import Configurable
-
-log = logging.getLogger(__name__)
+from utils.config import ConfigError, Configurable
 
 HASH_PRIMES = (1, 2654435761, 805459861)
 
@@ -258,28 +256,58 @@ def hash_grid_encode(x: torch.Tensor, table: torch.Tensor, kernels: Kernels) -> 
     return out.permute(1, 0, 2).reshape(n_points, out.shape[0] * out.shape[2])  # [N, L * F]
 
 
-def tcnn_available() -> bool:
+TCNN_INSTALL = "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"
+
+
+def tcnn_import_error() -> Optional[str]:
+    """None when `import tinycudann` works, else why not (one line)."""
     try:
         import tinycudann  # noqa: F401
-    except Exception:  # on a CPU build of torch it raises EnvironmentError, not ImportError
-        return False
-    return True
+    except Exception as e:  # on a CPU build of torch it raises EnvironmentError, not ImportError
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+    return None
 
 
 def choose_backend(requested: str, device: torch.device) -> str:
+    """auto | torch | tcnn -> the backend that runs: tcnn only on CUDA with tinycudann importable
+    (auto falls back to torch); an explicit tcnn that cannot run raises ConfigError saying why."""
     if requested == "torch":
         return "torch"
-    if requested == "tcnn":
-        if device.type != "cuda" or not tcnn_available():
-            raise RuntimeError(
-                "hash grid backend 'tcnn' needs a CUDA device and the tinycudann package; "
-                "install it with `pip install git+https://github.com/NVlabs/tiny-cuda-nn/"
-                "#subdirectory=bindings/torch` or set backend: torch (or auto)"
-            )
+    if requested not in ("auto", "tcnn"):
+        raise ConfigError(f"hash grid backend must be auto, torch or tcnn, got '{requested}'")
+    if device.type != "cuda":
+        if requested == "auto":
+            return "torch"
+        raise ConfigError(
+            f"backend 'tcnn' runs tiny-cuda-nn's CUDA kernels, but this run's device is {device.type}; "
+            f"on a CUDA machine install tinycudann with `{TCNN_INSTALL}` (a CUDA toolkit "
+            "matching torch's CUDA version), or set backend: torch"
+        )
+    error = tcnn_import_error()
+    if error is None:
         return "tcnn"
     if requested == "auto":
-        return "tcnn" if device.type == "cuda" and tcnn_available() else "torch"
-    raise ValueError(f"hash grid backend must be auto, torch or tcnn, got '{requested}'")
+        return "torch"
+    raise ConfigError(
+        f"backend 'tcnn' needs the tinycudann package, which does not import here ({error}); install it "
+        f"with `{TCNN_INSTALL}` (a CUDA toolkit matching torch's CUDA version), or set backend: torch"
+    )
+
+
+def tcnn_params_from_table(table: torch.Tensor, n_params: int) -> torch.Tensor:
+    """The torch backend's table as tiny-cuda-nn's flat HashGrid parameters.
+
+    tcnn stores level after level, each level's `size_l` entries entry-major ([entry][feature]),
+    with the same per-level sizes and order as GridLevels; so row r of the [T, F] table (level
+    offsets included) is params[r F : (r + 1) F]: a row-major flatten.  table: [T, F] -> [T * F]
+    """
+    if table.numel() != n_params:
+        raise ValueError(
+            f"tiny-cuda-nn's hash grid holds {n_params} parameters, the torch layout {table.numel()} "
+            f"({table.shape[0]} rows x {table.shape[1]} features): this tinycudann version lays levels "
+            "out differently"
+        )
+    return table.reshape(-1)
 
 
 @ENCODINGS.register("HashGrid")
@@ -307,12 +335,15 @@ class HashGrid(Configurable, nn.Module):
         self.n_levels = config.n_levels
         self.n_features = config.n_features_per_level
         self.n_output_dims = self.n_levels * self.n_features
+        # the run logs and records the choice once, for every component (systems/backends.py)
         self.backend = choose_backend(config.backend, torch.device(device))
-        log.info("hash grid backend: %s", self.backend)
         self.levels = GridLevels.build(
             config.n_levels, config.base_resolution, config.per_level_scale, config.log2_hashmap_size
         )
         self.register_buffer("current_level", torch.tensor(min(config.start_level, config.n_levels)))
+        n_rows = self.levels.offsets[-1] + self.levels.sizes[-1]
+        # drawn from torch's RNG for both backends, so a seed gives the same start on either
+        table = torch.empty(n_rows, self.n_features).uniform_(-1e-4, 1e-4)  # [T, F]
         if self.backend == "tcnn":
             import tinycudann as tcnn
 
@@ -327,11 +358,12 @@ class HashGrid(Configurable, nn.Module):
                     "per_level_scale": config.per_level_scale,
                     "interpolation": "Linear",
                 },
-                dtype=torch.float32,
+                dtype=torch.float32,  # float32 table and features: the SDF needs them precise
             )
+            with torch.no_grad():
+                self.tcnn_encoding.params.copy_(tcnn_params_from_table(table, self.tcnn_encoding.params.numel()))
         else:
-            n_rows = self.levels.offsets[-1] + self.levels.sizes[-1]
-            self.table = nn.Parameter(torch.empty(n_rows, self.n_features).uniform_(-1e-4, 1e-4))
+            self.table = nn.Parameter(table)
             self.kernels = make_kernels(self.levels, config.compile)
 
     def update_step(self, global_step: int) -> None:

@@ -136,13 +136,14 @@ class BackgroundField(Configurable, nn.Module):
 
     def density(self, x_c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x_c: [N, 3] contracted -> sigma [N] (per unit length of the normalised frame), feature [N, F]"""
-        h = self.density_mlp(self.encoding((x_c + 2.0) * 0.25))  # [N, 1 + F]
+        # float32 before the exp: under float16 autocast exp would overflow above 11
+        h = self.density_mlp(self.encoding((x_c + 2.0) * 0.25)).float()  # [N, 1 + F]
         return trunc_exp(h[:, 0] + self.config.density_bias), h[:, 1:]
 
     def forward(self, x_c: torch.Tensor, dirs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x_c: [N, 3] contracted, dirs: [N, 3] unit -> sigma [N], rgb [N, 3] in (0, 1)"""
         sigma, feature = self.density(x_c)
-        rgb = self.color_mlp(torch.cat([feature, self.dir_encoding(dirs)], dim=-1))
+        rgb = self.color_mlp(torch.cat([feature, self.dir_encoding(dirs)], dim=-1)).float()  # [N, 3]
         return sigma, rgb
 
     def update_occupancy(self, step: int) -> None:

@@ -86,7 +86,8 @@ class SDFNetwork(nn.Module):
         h = self.encoding(x01)  # [N, E]
         if self.config.include_xyz:
             h = torch.cat([x, h], dim=-1)
-        out = self.mlp(h)  # [N, 1 + feature_dim]
+        # float32 out of the MLP also under float16 autocast: the NeuS alpha needs a precise sdf
+        out = self.mlp(h).float()  # [N, 1 + feature_dim]
         return out[:, 0], out[:, 1:]
 
     def sdf(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ class ColorNetwork(nn.Module):
 
     def forward(self, feature: torch.Tensor, dirs: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
         """feature [N, F], dirs [N, 3] unit, normal [N, 3] unit -> rgb [N, 3] in (0, 1)"""
-        return self.mlp(torch.cat([feature, self.dir_encoding(dirs), normal], dim=-1))
+        return self.mlp(torch.cat([feature, self.dir_encoding(dirs), normal], dim=-1)).float()  # float32 under autocast
 
 
 class VarianceNetwork(nn.Module):

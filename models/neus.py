@@ -11,13 +11,7 @@ from models.background import BackgroundField, ray_sphere_intersect
 from models.network import ColorNetwork, SDFNetwork, VarianceNetwork, normalize
 from models.occupancy import OccupancyGrid
 from models.registry import MODELS
-from models.rendering import (
-    accumulate_along_rays,
-    composite_background,
-    density_alpha,
-    neus_alpha,
-    render_weights_from_alpha,
-)
+from models.rendering import composite_background, density_alpha, neus_alpha, packed_ops
 from utils.config import Configurable, parse_structured
 from utils.misc import map_in_chunks
 
@@ -66,6 +60,8 @@ class NeuSModel(Configurable, nn.Module):
         self.texture = ColorNetwork(config.texture, config.geometry.feature_dim, device)
         self.variance = VarianceNetwork(config.variance)
         self.occupancy = OccupancyGrid(config.sampler, config.radius, device)
+        # packed weights and accumulation: nerfacc's kernels where it samples (CUDA), else torch
+        self.packed = packed_ops(self.occupancy.backend)
         self.background = BackgroundField(config.background, config.radius, device) if config.background.enabled else None
         # state of the schedules, saved with the model so that renders after a reload match
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0))
@@ -160,15 +156,17 @@ class NeuSModel(Configurable, nn.Module):
         sdf, feature, grad = self.geometry.forward_with_grad(x, create_graph=self.training)
         normal = normalize(grad)  # [n_samples, 3]
         rgb = self.texture(feature, dirs, normal)  # [n_samples, 3]
+        # the networks' outputs are float32 (also under autocast): alpha and compositing stay exact
         alpha = neus_alpha(sdf, (dirs * grad).sum(-1), t_ends - t_starts, inv_s, self.cos_anneal_ratio)
-        weights, _ = render_weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
-        opacity = accumulate_along_rays(weights, ray_indices, n_rays)  # [n_rays, 1]
-        comp_rgb = accumulate_along_rays(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
+        weights, _ = self.packed.weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
+        accumulate = self.packed.accumulate
+        opacity = accumulate(weights, ray_indices, n_rays)  # [n_rays, 1]
+        comp_rgb = accumulate(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
         out = {
             "rgb_foreground": comp_rgb,
             "opacity": opacity[:, 0],
-            "depth": accumulate_along_rays(weights, ray_indices, n_rays, t_mid[:, None])[:, 0],
-            "normal": accumulate_along_rays(weights, ray_indices, n_rays, normal),
+            "depth": accumulate(weights, ray_indices, n_rays, t_mid[:, None])[:, 0],
+            "normal": accumulate(weights, ray_indices, n_rays, normal),
             "sdf": sdf,
             "sdf_grad": grad,
             "n_samples": int(ray_indices.numel()),
@@ -191,9 +189,9 @@ class NeuSModel(Configurable, nn.Module):
         x_c = self.background.contracted(rays_o[ray_indices] + samples["t_sample"][:, None] * dirs)  # [n_samples, 3]
         sigma, rgb = self.background(x_c, dirs)  # [n_samples], [n_samples, 3]
         alpha = density_alpha(sigma, samples["t_ends"] - samples["t_starts"])  # [n_samples]
-        weights, _ = render_weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
-        opacity = accumulate_along_rays(weights, ray_indices, n_rays)  # [n_rays, 1]
-        comp_rgb = accumulate_along_rays(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
+        weights, _ = self.packed.weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
+        opacity = self.packed.accumulate(weights, ray_indices, n_rays)  # [n_rays, 1]
+        comp_rgb = self.packed.accumulate(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
         return {
             "rgb": composite_background(comp_rgb, opacity, fill),
             "opacity": opacity[:, 0],

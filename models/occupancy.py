@@ -5,7 +5,8 @@ device (pure torch, it runs on CPU). Marching is nerfacc's CUDA `sampling` on CU
 `backend: nerfacc`, and otherwise `march_rays`, the torch twin written here: samples at
 t = near + k * step whose midpoint falls in an occupied cell, returned packed.
 """
-import logging
+import importlib.util
+import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -14,9 +15,7 @@ import torch
 from torch import nn
 
 from models.rendering import visible_samples
-from utils.config import Configurable
-
-log = logging.getLogger(__name__)
+from utils.config import ConfigError, Configurable
 
 
 def ray_aabb_intersect(
@@ -91,8 +90,8 @@ class OccupancyGrid(Configurable, nn.Module):
     def __init__(self, config: "OccupancyGrid.Config", radius: float, device: str = "cpu"):
         super().__init__()
         self.config = config
+        # the run logs and records the choice once, for every component (systems/backends.py)
         self.backend = choose_occupancy_backend(config.backend, torch.device(device))
-        log.info("occupancy grid sampling backend: %s", self.backend)
         aabb = [-radius] * 3 + [radius] * 3
         self.register_buffer("aabb", torch.tensor(aabb, dtype=torch.float32), persistent=False)
         self.estimator = nerfacc.OccGridEstimator(roi_aabb=aabb, resolution=config.resolution, levels=1)
@@ -156,16 +155,41 @@ class OccupancyGrid(Configurable, nn.Module):
         return ray_indices, t_starts, t_ends
 
 
+NERFACC_FIRST_USE = (
+    "nerfacc compiles its CUDA code on first use unless its prebuilt wheel is installed: the first "
+    "step can take a few minutes (once; torch caches the build)"
+)
+
+
+def nerfacc_cuda_error() -> Optional[str]:
+    """None when nerfacc's CUDA code is there (prebuilt wheel) or can be built (nvcc on PATH),
+    else why not. Looks only: importing nerfacc's backend would start the build."""
+    if importlib.util.find_spec("nerfacc.csrc") is not None or shutil.which("nvcc") is not None:
+        return None
+    return "no prebuilt nerfacc CUDA extension and no CUDA toolkit (nvcc) to build one"
+
+
 def choose_occupancy_backend(requested: str, device: torch.device) -> str:
+    """auto | torch | nerfacc -> the backend that samples (and renders packed samples): nerfacc
+    only on CUDA with its CUDA code available (auto falls back to torch); an explicit nerfacc
+    that cannot run raises ConfigError saying why."""
     if requested == "torch":
         return "torch"
-    if requested == "nerfacc":
-        if device.type != "cuda":
-            raise RuntimeError(
-                "occupancy backend 'nerfacc' samples with CUDA kernels and needs a CUDA device; "
-                "set model.sampler.backend: torch (or auto) to march rays in plain torch"
-            )
+    if requested not in ("auto", "nerfacc"):
+        raise ConfigError(f"occupancy backend must be auto, torch or nerfacc, got '{requested}'")
+    if device.type != "cuda":
+        if requested == "auto":
+            return "torch"
+        raise ConfigError(
+            f"backend 'nerfacc' samples and renders with nerfacc's CUDA kernels, but this run's device is "
+            f"{device.type}; set backend: torch (or auto) to march rays in plain torch"
+        )
+    error = nerfacc_cuda_error()
+    if error is None:
         return "nerfacc"
     if requested == "auto":
-        return "nerfacc" if device.type == "cuda" else "torch"
-    raise ValueError(f"occupancy backend must be auto, torch or nerfacc, got '{requested}'")
+        return "torch"
+    raise ConfigError(
+        f"backend 'nerfacc' needs nerfacc's CUDA code: {error}; install the CUDA toolkit matching "
+        "torch's CUDA version (or nerfacc's prebuilt wheel), or set backend: torch"
+    )

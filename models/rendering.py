@@ -3,9 +3,10 @@
 Samples of all rays live in one flat array sorted by ray: `ray_indices [n_samples]` says
 which ray each sample belongs to, `t_starts / t_ends [n_samples]` bound it along the ray.
 Empty space costs nothing. These are the plain-torch versions of nerfacc's packed ops and
-run on every device; nerfacc's CUDA kernels are the fast path on GPU.
+run on every device and are the reference; `packed_ops("nerfacc")` gives nerfacc's CUDA kernels
+for the same two ops (weights from alpha, accumulation), which is what runs on GPU.
 """
-from typing import Tuple, Union
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -130,3 +131,51 @@ def visible_samples(
 def composite_background(rgb: torch.Tensor, opacity: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
     """C = C_fg + (1 - opacity) C_bg.  rgb [n_rays, 3], opacity [n_rays, 1], background [n_rays or 1, 3]"""
     return rgb + (1.0 - opacity) * background
+
+
+class PackedOps(NamedTuple):
+    """The packed rendering ops a model calls, from one backend, with the signatures above:
+    weights_from_alpha(alphas, ray_indices, n_rays) -> weights, transmittance [n_samples];
+    accumulate(weights, ray_indices, n_rays, values=None) -> [n_rays, C]."""
+
+    weights_from_alpha: Callable[[torch.Tensor, torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]]
+    accumulate: Callable[..., torch.Tensor]
+
+
+def _require_cuda(*tensors: torch.Tensor) -> None:
+    """nerfacc's packed ops are CUDA kernels: with CPU tensors nerfacc would try to compile them
+    (OSError) or refuse; fail here instead, clearly."""
+    if not all(t.is_cuda for t in tensors):
+        raise ValueError("nerfacc's packed rendering runs on CUDA tensors only; use the torch ops on CPU")
+
+
+def nerfacc_weights_from_alpha(
+    alphas: torch.Tensor, ray_indices: torch.Tensor, n_rays: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`render_weights_from_alpha` by nerfacc's CUDA scan (float32 only). Its backward gives 0
+    instead of the true gradient through a factor (1 - alpha) = 0 (alpha exactly 1), where the
+    torch version is exact.  alphas, ray_indices: [n_samples] -> weights, transmittance [n_samples]"""
+    import nerfacc
+
+    _require_cuda(alphas, ray_indices)
+    return nerfacc.render_weight_from_alpha(alphas.float(), ray_indices=ray_indices, n_rays=n_rays)
+
+
+def nerfacc_accumulate_along_rays(
+    weights: torch.Tensor, ray_indices: torch.Tensor, n_rays: int, values: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """`accumulate_along_rays` by nerfacc (its argument order differs).
+    weights, ray_indices: [n_samples]; values: [n_samples, C] -> [n_rays, C] (or [n_rays, 1])"""
+    import nerfacc
+
+    _require_cuda(weights, ray_indices)
+    return nerfacc.accumulate_along_rays(weights, values, ray_indices=ray_indices, n_rays=n_rays)
+
+
+TORCH_OPS = PackedOps(render_weights_from_alpha, accumulate_along_rays)
+NERFACC_OPS = PackedOps(nerfacc_weights_from_alpha, nerfacc_accumulate_along_rays)
+
+
+def packed_ops(backend: str) -> PackedOps:
+    """The packed ops of an occupancy backend: nerfacc's kernels with `nerfacc` (CUDA), else torch."""
+    return NERFACC_OPS if backend == "nerfacc" else TORCH_OPS

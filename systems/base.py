@@ -3,6 +3,7 @@
 A system subclasses `BaseSystem` and writes the parts that are its own: `train_step`,
 `validate`, `test`, `export_mesh`.
 """
+import contextlib
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from systems.backends import resolve_backends
 from utils.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -50,6 +52,9 @@ class TrainerConfig:
     max_bad_steps: int = 10
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
+    # auto: fp16-mixed on CUDA (float16 autocast around the model's forward, a grad scaler whose
+    # skipped steps count as non-finite ones), fp32 on CPU; or fp16-mixed | fp32 explicitly
+    precision: str = "auto"
     eval_chunk_rays: int = 4096  # rays rendered at once in validation / test
     test_at_end: bool = True  # --train ends with the test stage (renders, metrics, video, mesh)
     n_test_traj_steps: int = 60  # frames of the orbit video
@@ -118,6 +123,12 @@ class BaseSystem(Configurable):
         self.bad_steps_in_a_row = 0
         self._stop_signal: Optional[int] = None
         self._writer = None
+        # {config key: backend} of every component, and trainer.precision; fails here (ConfigError
+        # naming the key) when the device cannot serve a request, before any model is built
+        self.backends = resolve_backends(config, device)
+        self.mixed_precision = self.backends["trainer.precision"] == "fp16-mixed"
+        # disabled (fp32): scale / unscale_ / update do nothing and step is optimizer.step
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.mixed_precision)
 
     # --- to be written by each system -------------------------------------------------
     def train_step(self, step: int) -> Dict[str, float]:
@@ -139,6 +150,12 @@ class BaseSystem(Configurable):
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------
+    def autocast(self):
+        """float16 autocast for the training forward under fp16-mixed, else nothing."""
+        if not self.mixed_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+
     @property
     def writer(self) -> SummaryWriter:
         """TensorBoard on rank 0; on the other ranks a writer that drops everything."""
@@ -308,6 +325,8 @@ class BaseSystem(Configurable):
                 "rollbacks": self.rollbacks,
                 "rng": rng_per_rank[0],
                 "config": to_primitive(self.full_config),
+                "backends": dict(self.backends),
+                "grad_scaler": self.scaler.state_dict(),  # {} in fp32
                 **self.state_dict(),
             }
             if len(rng_per_rank) > 1:
@@ -334,6 +353,9 @@ class BaseSystem(Configurable):
         self.train_num_rays = int(state["train_num_rays"])
         self.lr_scale = float(state["lr_scale"])
         self.skipped_steps, self.rollbacks = int(state["skipped_steps"]), int(state["rollbacks"])
+        # a scaler state exists only after fp16-mixed training; otherwise the scaler starts fresh
+        if state.get("grad_scaler") and self.mixed_precision:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.restore_rng(state)
         log.info("resumed from %s at step %d", path, self.global_step)
 

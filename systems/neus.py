@@ -87,7 +87,9 @@ class NeuSSystem(BaseSystem):
         """One optimisation step on this rank's rays; with several ranks the gradients are
         those of the loss over all ranks' rays (mean over rays, and over samples for the
         per-sample terms), and every rank skips a step that is non-finite on any rank."""
-        out = self.train_model(batch["rays_o"], batch["rays_d"], batch["background"])
+        with self.autocast():  # the networks' matmuls; their outputs and all that follows are float32
+            out = self.train_model(batch["rays_o"], batch["rays_d"], batch["background"])
+        # outside autocast: binary_cross_entropy refuses it, and the losses are float32 anyway
         losses = neus_losses(self.config.loss, out, batch)
         self.optimizer.zero_grad(set_to_none=True)
         non_finite = [k for k, v in losses.items() if k != "total" and not torch.isfinite(v)]
@@ -101,13 +103,19 @@ class NeuSSystem(BaseSystem):
             if bad_ranks and not non_finite:
                 non_finite.append("loss on another rank")
             losses = with_sample_weight(losses, dist.world_size() * out["n_samples"] / max(n_samples, 1))
-        if not non_finite and losses["total"].requires_grad:
-            losses["total"].backward(inputs=self.params)
+        backward = not non_finite and losses["total"].requires_grad  # the same on every rank
+        if backward:
+            self.scaler.scale(losses["total"]).backward(inputs=self.params)
+            self.scaler.unscale_(self.optimizer)  # true gradients (fp16-mixed), checked like fp32 ones
             if not self.gradients_are_finite(self.params):  # averaged over ranks: the same everywhere
                 non_finite.append("gradient")
         if not non_finite:
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
             self.update_ray_count(n_rays, n_samples)
+        if backward:  # fp16-mixed: grows the loss scale, or halves it after a non-finite gradient
+            self.scaler.update()
+            if self.mixed_precision and "gradient" in non_finite:
+                non_finite[-1] = f"gradient (float16 overflow? loss scale now {self.scaler.get_scale():g})"
         self.scheduler.step()
         if non_finite:  # the parameters stay as they were; fit() counts the step and may roll back
             return {"skipped": 1.0, "non_finite": ", ".join(non_finite)}
@@ -123,6 +131,8 @@ class NeuSSystem(BaseSystem):
             samples_per_ray=n_samples / n_rays,
             skipped=0.0,
         )
+        if self.mixed_precision:
+            stats["loss_scale"] = self.scaler.get_scale()
         return stats
 
     def update_ray_count(self, n_rays: int, n_samples: int) -> None:

@@ -7,6 +7,8 @@ from typing import Callable, Dict, List, Tuple, TypeVar
 import numpy as np
 import torch
 
+from utils.config import ConfigError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -54,7 +56,7 @@ def resolve_device(requested: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{requested}' asked for but CUDA is not available; use device=auto or cpu")
+        raise ConfigError(f"device '{requested}' asked for but CUDA is not available; use device=auto or cpu")
     return device
 
 

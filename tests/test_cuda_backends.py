@@ -1,0 +1,514 @@
+"""The CUDA backends against the torch reference, and the choice of backends at start-up.
+
+On CUDA (skipped elsewhere, and for tcnn also where tinycudann does not import) in float32:
+- tcnn's HashGrid against the torch HashGrid with the torch table copied into tcnn's flat
+  parameters: values, d/dx, d/dparams and the second-order d/dparams of <d out / dx, u> (what
+  the eikonal loss backpropagates);
+- nerfacc's OccGridEstimator.sampling against the torch march_rays on a fixed grid: the same
+  kept samples (with and without early stopping);
+- nerfacc's packed render_weight_from_alpha / accumulate_along_rays against models/rendering.py:
+  values and gradients;
+- a few fp16-mixed training steps, and their checkpoint.
+Each comparison is a harness function. On CPU the same harness runs the torch code against an
+independent slow reference, so that the harness itself cannot break unnoticed where no GPU is.
+"""
+import dataclasses
+import os
+
+import pytest
+import torch
+import yaml
+
+import encoder.hashgrid
+import models.occupancy
+from encoder.hashgrid import TCNN_INSTALL, HashGrid, choose_backend, tcnn_import_error, tcnn_params_from_table
+from models.occupancy import (
+    OccupancyGrid,
+    choose_occupancy_backend,
+    march_rays,
+    nerfacc_cuda_error,
+    ray_aabb_intersect,
+)
+from models.rendering import NERFACC_OPS, TORCH_OPS, PackedOps, neus_alpha
+from systems.backends import choose_precision
+from tests.test_encoders import reference_encode, reference_layout
+from tests.test_reliability import CPU_CONFIG, TINY, build_system, run_main, scene, scene_template  # noqa: F401
+from utils.checkpoint import load_checkpoint
+from utils.config import ConfigError, load_config
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available")
+needs_nerfacc = pytest.mark.skipif(
+    not CUDA or nerfacc_cuda_error() is not None,
+    reason="CUDA not available" if not CUDA else f"nerfacc's CUDA code cannot run here ({nerfacc_cuda_error()})",
+)
+needs_tcnn = pytest.mark.skipif(
+    not CUDA or tcnn_import_error() is not None,
+    reason="CUDA not available" if not CUDA else f"tinycudann not importable ({tcnn_import_error()})",
+)
+
+
+def assert_same(a: dict, b: dict, rtol: float, rel_atol: float) -> None:
+    """Every tensor of a equals b's within rtol, and an absolute rel_atol of b's largest magnitude."""
+    assert a.keys() == b.keys()
+    for key in a:
+        scale = float(b[key].abs().max()) if b[key].numel() else 0.0
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=rel_atol * scale + 1e-30, msg=key)
+
+
+# --- harness: hash grid ---------------------------------------------------------------------------
+def hash_grid_results(encode, params: torch.Tensor, x: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> dict:
+    """encode(x) -> [N, L F], differentiable in the leaf `params`. -> value, d<out, v>/dx,
+    d<out, v>/dparams, and d<d<out, v>/dx, u>/dparams (the eikonal loss's path to the table)."""
+    x = x.clone().requires_grad_(True)
+    out = encode(x)
+    (grad_x,) = torch.autograd.grad((out * v).sum(), x, create_graph=True)
+    (grad_params,) = torch.autograd.grad((out * v).sum(), params, retain_graph=True)
+    (grad_params_eikonal,) = torch.autograd.grad((grad_x * u).sum(), params)
+    return {"value": out.detach(), "grad_x": grad_x.detach(), "grad_params": grad_params,
+            "grad_params_eikonal": grad_params_eikonal}
+
+
+def full_band_config(**sizes) -> HashGrid.Config:
+    """A torch-backend hash grid with every level active (no band mask in the way)."""
+    return HashGrid.Config(backend="torch", start_level=sizes["n_levels"], **sizes)
+
+
+def test_hash_grid_harness_torch_against_the_per_point_reference():
+    """The torch module against test_encoders' per-point loop, with the loop's table passed as
+    tcnn's flat parameter vector (tcnn_params_from_table), in float64."""
+    sizes = dict(n_levels=4, n_features_per_level=2, log2_hashmap_size=9, base_resolution=3, per_level_scale=2.0)
+    grid = HashGrid(full_band_config(**sizes), 3, "cpu").double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        grid.table.copy_(torch.randn(grid.table.shape, generator=gen, dtype=torch.float64))
+    flat = tcnn_params_from_table(grid.table.detach(), grid.table.numel()).clone().requires_grad_(True)
+    layout = reference_layout(**{k: sizes[k] for k in ("n_levels", "base_resolution", "per_level_scale",
+                                                        "log2_hashmap_size")})
+    x = torch.rand(24, 3, generator=gen, dtype=torch.float64)
+    v = torch.randn(24, 8, generator=gen, dtype=torch.float64)
+    u = torch.randn(24, 3, generator=gen, dtype=torch.float64)
+    ours = hash_grid_results(grid, grid.table, x, v, u)
+    reference = hash_grid_results(lambda p: reference_encode(p, flat.view(-1, 2), layout), flat, x, v, u)
+    for key in ("grad_params", "grad_params_eikonal"):
+        reference[key] = reference[key].view(-1, 2)  # tcnn's flat layout back to table rows
+    assert_same(ours, reference, rtol=1e-10, rel_atol=1e-12)
+    assert ours["grad_params_eikonal"].abs().max() > 0.1
+
+
+def test_tcnn_flat_parameters_are_the_table_row_major():
+    """Level l, entry e, feature f sits at (offset_l + e) F + f; a size mismatch is refused."""
+    grid = HashGrid(full_band_config(n_levels=3, n_features_per_level=2, log2_hashmap_size=9,
+                                     base_resolution=3, per_level_scale=2.0), 3, "cpu")
+    table = torch.arange(grid.table.numel(), dtype=torch.float32).view(grid.table.shape)
+    flat = tcnn_params_from_table(table, table.numel())
+    offset, entry, feature = grid.levels.offsets[2], 5, 1
+    assert flat[(offset + entry) * 2 + feature] == table[offset + entry, feature]
+    with pytest.raises(ValueError, match="lays levels out differently"):
+        tcnn_params_from_table(table, table.numel() + 8)
+
+
+def points_away_from_cell_faces(levels, n: int, gen: torch.Generator, margin: float = 1e-3) -> torch.Tensor:
+    """n points in [0, 1]^3 whose grid position s_l x + 0.5 is at least `margin` from a cell face at
+    every level: the x-gradient jumps across faces, and the backends round positions differently."""
+    x = torch.rand(4 * n, 3, generator=gen, dtype=torch.float64)
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    for scale in levels.scales:
+        frac = torch.frac(x * scale + 0.5)
+        keep &= ((frac > margin) & (frac < 1.0 - margin)).all(-1)
+    return x[keep][:n].float()
+
+
+@needs_tcnn
+def test_tcnn_hash_grid_matches_torch():
+    """Tolerance: tcnn forms p = s x + 0.5 with a float32 scale (exp2f) and one fused multiply-add,
+    torch with a float64 scale rounded to float32 and two roundings: p differs by a couple of ulp
+    (~6e-5 at the finest resolution, 274), i.e. trilinear weights by ~1e-4 relative; tcnn's
+    backward sums by float32 atomics in another order. So 1e-4 relative (of each tensor's largest
+    magnitude), at points kept 1e-3 away from cell faces."""
+    sizes = dict(n_levels=8, n_features_per_level=2, log2_hashmap_size=14, base_resolution=16, per_level_scale=1.5)
+    torch_grid = HashGrid(full_band_config(**sizes), 3, "cuda").cuda()
+    tcnn_grid = HashGrid(dataclasses.replace(full_band_config(**sizes), backend="tcnn"), 3, "cuda").cuda()
+    assert tcnn_grid.backend == "tcnn" and not all(torch_grid.levels.dense)
+    gen = torch.Generator().manual_seed(0)
+    table = 0.5 * torch.randn(torch_grid.table.shape, generator=gen)
+    params = tcnn_grid.tcnn_encoding.params
+    with torch.no_grad():
+        torch_grid.table.copy_(table)
+        params.copy_(tcnn_params_from_table(table, params.numel()))
+    x = points_away_from_cell_faces(torch_grid.levels, 4000, gen).cuda()
+    v = torch.randn(x.shape[0], 16, generator=gen).cuda()
+    u = torch.randn(x.shape[0], 3, generator=gen).cuda()
+    ours = hash_grid_results(tcnn_grid, params, x, v, u)
+    for key in ("grad_params", "grad_params_eikonal"):
+        ours[key] = ours[key].view(-1, 2)
+    reference = hash_grid_results(torch_grid, torch_grid.table, x, v, u)
+    assert ours["value"].dtype == torch.float32
+    assert_same(ours, reference, rtol=1e-4, rel_atol=1e-4)
+
+
+# --- harness: occupancy sampling --------------------------------------------------------------
+RES = 16
+AABB = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
+
+
+def shell_binaries(device) -> torch.Tensor:
+    """[16, 16, 16] cells whose centre lies 0.3..0.7 from the origin; the border cells stay empty,
+    so no kept sample reaches the box's faces (where the two backends cut a last sample differently)."""
+    axis = -1.0 + (torch.arange(RES) + 0.5) * (2.0 / RES)
+    centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).norm(dim=-1)
+    return ((centres > 0.3) & (centres < 0.7)).to(device)
+
+
+def exact_rays(device):
+    """Rays along +z, -x and +y through cell centres from 3 away: entry at t = 2, and with a step
+    of 1/32 every t and midpoint is exact in float32 and off every cell face."""
+    centres = -1.0 + (torch.arange(RES, dtype=torch.float32) + 0.5) * (2.0 / RES)
+    a, b = torch.meshgrid(centres[::3], centres[1::3], indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    three = torch.full_like(a, 3.0)
+    origins = torch.cat([torch.stack([a, b, -three], -1), torch.stack([three, a, b], -1), torch.stack([a, -three, b], -1)])
+    dirs = torch.cat([torch.tensor([[0.0, 0.0, 1.0]]).expand(a.shape[0], 3), torch.tensor([[-1.0, 0.0, 0.0]]).expand(
+        a.shape[0], 3), torch.tensor([[0.0, 1.0, 0.0]]).expand(a.shape[0], 3)])
+    return origins.to(device), dirs.contiguous().to(device)
+
+
+def oblique_rays(device, n: int = 256):
+    gen = torch.Generator().manual_seed(4)
+    dirs = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen), dim=-1)
+    target = 0.3 * (torch.rand(n, 3, generator=gen) - 0.5)
+    return (target - 3.0 * dirs).to(device), dirs.to(device)
+
+
+def step_samples(samples, rays_o, rays_d, step: float) -> dict:
+    """(ray_indices, t_starts, t_ends) -> {(ray, k): t_start} with k the marching step index,
+    t_start = t_near + k step: samples are named by integers, whatever the float drift."""
+    ray_indices, t_starts, t_ends = (s.double().cpu() for s in samples)
+    torch.testing.assert_close(t_ends - t_starts, torch.full_like(t_starts, step), rtol=0, atol=1e-5)
+    t_near, _, _ = ray_aabb_intersect(rays_o.double().cpu(), rays_d.double().cpu(), torch.tensor(AABB, dtype=torch.float64))
+    k = torch.round((t_starts - t_near[ray_indices.long()]) / step).long()
+    return {(int(r), int(i)): float(t) for r, i, t in zip(ray_indices.long(), k, t_starts)}
+
+
+def assert_same_samples(a, b, rays_o, rays_d, step: float, face_tol: float = 0.0) -> None:
+    """The same (ray, step) samples at the same t (1e-5). With face_tol > 0 a sample that only one
+    side keeps must have its midpoint within face_tol (in cells) of a cell face: there rounding of
+    the ray's position decides the cell."""
+    sa, sb = step_samples(a, rays_o, rays_d, step), step_samples(b, rays_o, rays_d, step)
+    common = sa.keys() & sb.keys()
+    for key in common:
+        assert abs(sa[key] - sb[key]) < 1e-5, key
+    only = [(key, side[key]) for side in (sa, sb) for key in side.keys() - common]
+    for (ray, _), t_start in only:
+        mid = rays_o[ray].double().cpu() + (t_start + 0.5 * step) * rays_d[ray].double().cpu()
+        cells = (mid + 1.0) * (RES / 2.0)
+        distance = (cells - torch.round(cells)).abs().min().item()
+        assert distance < face_tol, (ray, t_start, distance)
+    assert len(only) <= 0.01 * max(len(common), 1)
+
+
+def naive_march(rays_o, rays_d, binaries, step: float):
+    """One ray at a time, nerfacc's rule: from the box entry, steps of `step`; keep those whose
+    midpoint (before the box exit) lies in an occupied cell. float64."""
+    aabb = torch.tensor(AABB, dtype=torch.float64)
+    t_near, t_far, _ = ray_aabb_intersect(rays_o.double(), rays_d.double(), aabb)
+    kept = []
+    for ray in range(rays_o.shape[0]):
+        k = 0
+        while t_near[ray] + (k + 0.5) * step < t_far[ray]:
+            t = float(t_near[ray]) + k * step
+            mid = rays_o[ray].double() + (t + 0.5 * step) * rays_d[ray].double()
+            cell = ((mid + 1.0) * (RES / 2.0)).floor().long()
+            if ((cell >= 0) & (cell < RES)).all() and binaries[cell[0], cell[1], cell[2]]:
+                kept.append((ray, t, t + step))
+            k += 1
+    ray_indices, t_starts, t_ends = (torch.tensor(c) for c in zip(*kept))
+    return ray_indices, t_starts, t_ends
+
+
+def test_sampling_harness_torch_against_the_naive_march():
+    binaries = shell_binaries("cpu")
+    aabb = torch.tensor(AABB)
+    for rays_o, rays_d, step, face_tol in ((*exact_rays("cpu"), 1.0 / 32, 0.0), (*oblique_rays("cpu", 64), 1.0 / 64, 1e-4)):
+        t_near, t_far, _ = ray_aabb_intersect(rays_o, rays_d, aabb)
+        ours = march_rays(rays_o, rays_d, t_near, t_far, binaries, aabb, step)
+        reference = naive_march(rays_o, rays_d, binaries, step)
+        assert ours[0].numel() > 100
+        assert_same_samples(ours, reference, rays_o, rays_d, step, face_tol)
+
+
+def fixed_grids(device):
+    """A torch-backend and a nerfacc-backend sampler holding the same binaries."""
+    grids = []
+    for backend in ("torch", "nerfacc"):
+        config = OccupancyGrid.Config(resolution=RES, early_stop_eps=1e-4, alpha_threshold=0.0, backend=backend)
+        grid = OccupancyGrid(config, radius=1.0, device=device).to(device)
+        grid.estimator.binaries[0] = shell_binaries(device)
+        grids.append(grid)
+    return grids
+
+
+@needs_nerfacc
+def test_nerfacc_sampling_matches_march_rays():
+    torch_grid, nerfacc_grid = fixed_grids("cuda")
+    assert nerfacc_grid.backend == "nerfacc"
+    for rays_o, rays_d, step, face_tol in ((*exact_rays("cuda"), 1.0 / 32, 0.0), (*oblique_rays("cuda"), 1.0 / 64, 1e-4)):
+        ours = nerfacc_grid.sample(rays_o, rays_d, step, stratified=False)
+        reference = torch_grid.sample(rays_o, rays_d, step, stratified=False)
+        assert reference[0].numel() > 100 and ours[0].dtype == torch.int64
+        assert_same_samples(ours, reference, rays_o, rays_d, step, face_tol)
+
+
+@needs_nerfacc
+def test_nerfacc_early_stop_keeps_the_same_samples():
+    """With a sphere's head-on NeuS alpha both backends cut each ray where its transmittance falls
+    below early_stop_eps; only a sample whose transmittance lies within 1% of it may differ
+    (float32 products in another order)."""
+    torch_grid, nerfacc_grid = fixed_grids("cuda")
+    rays_o, rays_d = exact_rays("cuda")
+    step = 1.0 / 32
+
+    def alpha_fn(t_starts, t_ends, ray_indices):
+        x = rays_o[ray_indices] + (0.5 * (t_starts + t_ends))[:, None] * rays_d[ray_indices]
+        sdf = x.norm(dim=-1) - 0.5
+        return neus_alpha(sdf, torch.full_like(sdf, -1.0), t_ends - t_starts, torch.tensor(64.0, device="cuda"))
+
+    ours = nerfacc_grid.sample(rays_o, rays_d, step, stratified=False, alpha_fn=alpha_fn)
+    reference = torch_grid.sample(rays_o, rays_d, step, stratified=False, alpha_fn=alpha_fn)
+    everything = torch_grid.sample(rays_o, rays_d, step, stratified=False)
+    assert everything[0].numel() > reference[0].numel() + 50  # the cut drops samples
+    sa, sb = (step_samples(s, rays_o, rays_d, step) for s in (ours, reference))
+    differ = sa.keys() ^ sb.keys()
+    if differ:
+        _, trans = TORCH_OPS.weights_from_alpha(alpha_fn(everything[1], everything[2], everything[0]), everything[0],
+                                                rays_o.shape[0])
+        all_keys = list(step_samples(everything, rays_o, rays_d, step))
+        for key in differ:
+            t = float(trans[all_keys.index(key)])
+            assert abs(t - 1e-4) < 1e-6, (key, t)
+
+
+# --- harness: packed rendering ---------------------------------------------------------------
+def packed_rendering_results(ops: PackedOps, alphas, values, ray_indices, n_rays: int, coeffs) -> dict:
+    """Weights, transmittance, opacity and colour by `ops`, and the gradients of a fixed linear
+    mix of them in alphas and values."""
+    alphas, values = alphas.clone().requires_grad_(True), values.clone().requires_grad_(True)
+    weights, trans = ops.weights_from_alpha(alphas, ray_indices, n_rays)
+    opacity = ops.accumulate(weights, ray_indices, n_rays)  # [n_rays, 1]
+    rgb = ops.accumulate(weights, ray_indices, n_rays, values)  # [n_rays, 3]
+    mix = (weights * coeffs).sum() + (trans * coeffs.flip(0)).sum() + (opacity[:, 0] * torch.arange(
+        n_rays, device=alphas.device)).sum() + (rgb * rgb).sum()
+    grad_alphas, grad_values = torch.autograd.grad(mix, (alphas, values))
+    return {"weights": weights.detach(), "trans": trans.detach(), "opacity": opacity.detach(), "rgb": rgb.detach(),
+            "grad_alphas": grad_alphas, "grad_values": grad_values}
+
+
+def naive_weights_from_alpha(alphas, ray_indices, n_rays):
+    """Per ray: T = exclusive product of (1 - alpha) by a loop, w = T alpha."""
+    trans = []
+    for ray in range(n_rays):
+        t = alphas.new_ones(())
+        for a in alphas[ray_indices == ray]:
+            trans.append(t)
+            t = t * (1.0 - a)
+    trans = torch.stack(trans) if trans else alphas[:0]
+    return trans * alphas, trans
+
+
+def naive_accumulate(weights, ray_indices, n_rays, values=None):
+    src = weights[:, None] if values is None else weights[:, None] * values
+    return torch.stack([src[ray_indices == ray].sum(0) for ray in range(n_rays)])
+
+
+def packed_case(device, dtype, max_alpha: float = 0.9):
+    """Six rays: 0, 1, 3, 40 and 200 samples (and one more empty), alphas uniform in [0, max_alpha]."""
+    gen = torch.Generator().manual_seed(2)
+    counts = torch.tensor([3, 0, 1, 40, 200, 0])
+    ray_indices = torch.repeat_interleave(torch.arange(6), counts)
+    n = int(counts.sum())
+    alphas = max_alpha * torch.rand(n, generator=gen, dtype=dtype)
+    values = torch.rand(n, 3, generator=gen, dtype=dtype)
+    coeffs = torch.randn(n, generator=gen, dtype=dtype)
+    return alphas.to(device), values.to(device), ray_indices.to(device), 6, coeffs.to(device)
+
+
+def test_rendering_harness_torch_against_the_naive_loops():
+    case = packed_case("cpu", torch.float64)
+    ours = packed_rendering_results(TORCH_OPS, *case)
+    reference = packed_rendering_results(PackedOps(naive_weights_from_alpha, naive_accumulate), *case)
+    assert_same(ours, reference, rtol=1e-10, rel_atol=1e-12)
+
+
+@needs_nerfacc
+def test_nerfacc_packed_rendering_matches_torch():
+    """float32 (nerfacc's scans are float32 only). Tolerance: the 200-sample ray's products are
+    formed in another order by nerfacc's parallel scan, ~n eps = 1e-5 relative."""
+    case = packed_case("cuda", torch.float32)
+    ours = packed_rendering_results(NERFACC_OPS, *case)
+    reference = packed_rendering_results(TORCH_OPS, *case)
+    assert_same(ours, reference, rtol=1e-4, rel_atol=1e-5)
+
+
+@needs_nerfacc
+def test_nerfacc_packed_rendering_values_with_an_opaque_sample():
+    """alpha = 1 exactly: the values agree; nerfacc's gradient through (1 - alpha) = 0 is 0 instead
+    of the true one (a documented nerfacc limitation), so only the torch gradient is exact there."""
+    alphas, values, ray_indices, n_rays, coeffs = packed_case("cuda", torch.float32)
+    alphas[10] = 1.0
+    for key in ("weights", "trans"):
+        ours = NERFACC_OPS.weights_from_alpha(alphas, ray_indices, n_rays)[("weights", "trans").index(key)]
+        reference = TORCH_OPS.weights_from_alpha(alphas, ray_indices, n_rays)[("weights", "trans").index(key)]
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_nerfacc_ops_refuse_cpu_tensors():
+    """Never nerfacc's CUDA kernels with CPU tensors (it would try to compile, or refuse)."""
+    alphas, values, ray_indices, n_rays, _ = packed_case("cpu", torch.float32)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        NERFACC_OPS.weights_from_alpha(alphas, ray_indices, n_rays)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        NERFACC_OPS.accumulate(alphas, ray_indices, n_rays, values)
+
+
+# --- choosing backends ------------------------------------------------------------------------
+def trial_dir(outputs) -> str:
+    (path,) = [d for d, _, files in os.walk(outputs) if "train.log" in files]
+    return path
+
+
+def test_auto_is_torch_on_cpu_logged_once_and_recorded(scene, tmp_path, capsys):  # noqa: F811
+    outputs = tmp_path / "outputs"
+    code, err = run_main(capsys, "--train", "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY,
+                         "trainer.max_steps=2")
+    assert code == 0, err[-3000:]
+    expected = {"model.geometry.xyz_encoding.backend": "torch", "model.sampler.backend": "torch",
+                "trainer.precision": "fp32"}
+    trial = trial_dir(outputs)
+    with open(os.path.join(trial, "config", "backends.yaml")) as f:
+        assert yaml.safe_load(f) == expected
+    line = "backends: model.geometry.xyz_encoding.backend=torch, model.sampler.backend=torch, trainer.precision=fp32"
+    assert [ln for ln in err.splitlines() if "backends:" in ln] == [ln for ln in err.splitlines() if line in ln]
+    assert len([ln for ln in err.splitlines() if "backends:" in ln]) == 1
+    with open(os.path.join(trial, "train.log")) as f:
+        assert line in f.read()
+    state = load_checkpoint(os.path.join(trial, "ckpt", "ckpt_000002.pth"))  # weights_only
+    assert state["backends"] == expected and state["grad_scaler"] == {}
+
+
+def test_built_components_run_what_was_recorded(scene, tmp_path):  # noqa: F811
+    system = build_system(scene, tmp_path, "model.background.enabled=true")
+    model = system.model
+    assert system.backends["model.background.xyz_encoding.backend"] == model.background.encoding.backend
+    assert system.backends["model.geometry.xyz_encoding.backend"] == model.geometry.encoding.backend
+    assert system.backends["model.sampler.backend"] == model.occupancy.backend
+    assert model.packed is (NERFACC_OPS if model.occupancy.backend == "nerfacc" else TORCH_OPS)
+    assert system.mixed_precision == (system.backends["trainer.precision"] == "fp16-mixed")
+
+
+REFUSED = {
+    # overrides: what the one-line message must say
+    "tcnn": (["model.geometry.xyz_encoding.backend=tcnn"],
+             ["config error:", "model.geometry.xyz_encoding.backend", "'tcnn'", "device is cpu", TCNN_INSTALL,
+              "or set backend: torch"]),
+    "background_tcnn": (["model.background.enabled=true", "model.background.xyz_encoding.backend=tcnn"],
+                        ["config error:", "model.background.xyz_encoding.backend", "'tcnn'", TCNN_INSTALL,
+                         "or set backend: torch"]),
+    "nerfacc": (["model.sampler.backend=nerfacc"],
+                ["config error:", "model.sampler.backend", "'nerfacc'", "device is cpu", "set backend: torch"]),
+    "fp16": (["trainer.precision=fp16-mixed"], ["config error:", "trainer.precision", "needs CUDA", "auto or fp32"]),
+    "cuda_device": (["device=cuda"], ["config error:", "CUDA is not available", "device=auto or cpu"]),
+    "typo": (["model.sampler.backend=nerfac"], ["config error:", "model.sampler.backend", "auto, torch or nerfacc"]),
+    "bad_precision": (["trainer.precision=half"], ["config error:", "trainer.precision", "auto, fp16-mixed, fp32"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_cuda_only_requests_are_refused_at_start_up_on_cpu(case, scene, tmp_path, capsys):  # noqa: F811
+    """TINY runs on device=cpu, so these are refused on any machine (device=cuda only without CUDA)."""
+    if case == "cuda_device" and CUDA:
+        pytest.skip("CUDA is available here: device=cuda is a valid request")
+    overrides, expected = REFUSED[case]
+    outputs = tmp_path / "outputs"
+    code, err = run_main(capsys, "--train", "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY,
+                         *overrides)
+    assert code == 2
+    message = [line for line in err.splitlines() if "error:" in line]
+    assert len(message) == 1, err
+    for part in expected:
+        assert part in message[0], (part, message[0])
+    assert not outputs.exists()
+
+
+def test_choices_on_a_cuda_device_follow_what_is_installed(monkeypatch):
+    """The choosers' logic for a CUDA device, with the availability checks faked (nothing touches
+    CUDA): auto takes a CUDA backend only when it can run, explicit requests say what is missing."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(encoder.hashgrid, "tcnn_import_error", lambda: "ImportError: No module named 'tinycudann'")
+    assert choose_backend("auto", cuda) == "torch"
+    with pytest.raises(ConfigError) as error:
+        choose_backend("tcnn", cuda)
+    for part in ("No module named 'tinycudann'", TCNN_INSTALL, "CUDA toolkit", "or set backend: torch"):
+        assert part in str(error.value)
+    monkeypatch.setattr(encoder.hashgrid, "tcnn_import_error", lambda: None)
+    assert choose_backend("auto", cuda) == choose_backend("tcnn", cuda) == "tcnn"
+    assert choose_backend("torch", cuda) == "torch"
+
+    monkeypatch.setattr(models.occupancy, "nerfacc_cuda_error", lambda: "no CUDA toolkit (nvcc)")
+    assert choose_occupancy_backend("auto", cuda) == "torch"
+    with pytest.raises(ConfigError, match="no CUDA toolkit.*or set backend: torch"):
+        choose_occupancy_backend("nerfacc", cuda)
+    monkeypatch.setattr(models.occupancy, "nerfacc_cuda_error", lambda: None)
+    assert choose_occupancy_backend("auto", cuda) == choose_occupancy_backend("nerfacc", cuda) == "nerfacc"
+
+    assert choose_precision("auto", cuda) == choose_precision("fp16-mixed", cuda) == "fp16-mixed"
+    assert choose_precision("auto", torch.device("cpu")) == choose_precision("fp32", cuda) == "fp32"
+
+
+# --- mixed precision --------------------------------------------------------------------------
+def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(scene, tmp_path):  # noqa: F811
+    """The grad-scaler path of train_step, on CPU with an enabled CPU GradScaler: a step whose
+    unscaled gradient is infinite leaves the parameters alone, is reported skipped (fit counts it
+    like a NaN step) and halves the loss scale; the next step trains."""
+    system = build_system(scene, tmp_path)
+    system.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    for _ in range(2):
+        assert system.train_step(system.global_step)["skipped"] == 0.0
+        system.global_step += 1
+    before = [p.detach().clone() for p in system.params]
+    hook = system.model.variance.variance.register_hook(lambda g: g * float("inf"))
+    stats = system.train_step(system.global_step)
+    hook.remove()
+    assert stats["skipped"] == 1.0 and "gradient" in stats["non_finite"]
+    assert system.scaler.get_scale() == 512.0
+    for p, q in zip(system.params, before):
+        assert torch.equal(p, q)
+    system.global_step += 1
+    system.on_bad_step(stats)
+    assert system.skipped_steps == 1
+    assert system.train_step(system.global_step)["skipped"] == 0.0
+
+
+@needs_cuda
+def test_fp16_mixed_training_steps_on_cuda(scene, tmp_path):  # noqa: F811
+    """auto precision on CUDA is fp16-mixed: steps train with finite parameters, and the
+    checkpoint holds the scaler's state and loads with weights_only and into a fresh system."""
+    overrides = [o for o in TINY if not o.startswith("device=")] + ["device=cuda", f"dataset.root_dir={scene}"]
+    config = load_config(CPU_CONFIG, overrides)
+    import systems
+
+    system = systems.SYSTEMS.get(config.system.name)(config, systems.RunPaths.for_trial(str(tmp_path / "a")),
+                                                     torch.device("cuda"))
+    assert system.mixed_precision and system.backends["trainer.precision"] == "fp16-mixed"
+    trained = 0
+    for _ in range(12):
+        stats = system.train_step(system.global_step)
+        system.global_step += 1
+        trained += stats["skipped"] == 0.0
+    assert trained >= 6
+    assert all(torch.isfinite(p).all() for p in system.model.parameters())
+    state = load_checkpoint(system.save())
+    assert state["grad_scaler"]["scale"] == system.scaler.get_scale()
+    other = systems.SYSTEMS.get(config.system.name)(config, systems.RunPaths.for_trial(str(tmp_path / "b")),
+                                                    torch.device("cuda"))
+    other.load(system.checkpoint_path(system.global_step))
+    assert other.scaler.get_scale() == system.scaler.get_scale()
