@@ -7,7 +7,9 @@ Reads DIR/images/*.jpg|png (your photos, left untouched); writes
     DIR/colmap/sparse/0/        the model as mapped: one shared camera with lens distortion
     DIR/sparse/0/               the UNDISTORTED model: one PINHOLE camera, the poses of the
                                 registered photos, the sparse points (cameras/images/points3D.bin)
-    DIR/images_undistorted/     the registered photos undistorted to that camera (same names)
+    DIR/images_undistorted/     the registered photos undistorted to that camera (same names),
+                                cropped at the right and bottom to a multiple of 8 pixels so
+                                that dataset.img_downscale 2, 4 or 8 divides them
     DIR/masks_undistorted/      when DIR/masks/ holds masks of the photos (NAME, NAME.png or
                                 STEM.png; white = object): them, undistorted the same way
 
@@ -33,7 +35,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
@@ -185,6 +187,36 @@ def undistort(model_dir: str, image_dir: str, scene_dir: str, num_threads: int) 
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.move(source, target)
     shutil.rmtree(staging)
+    crop_to_trainable_size(scene_dir)
+
+
+TRAINABLE_MULTIPLE = 8  # undistorted photos are cropped to a multiple of this many pixels
+
+
+def trainable_size(width: int, height: int, multiple: int = TRAINABLE_MULTIPLE) -> Tuple[int, int]:
+    """The largest (w, h) <= (width, height) whose sides are multiples of `multiple`."""
+    return width - width % multiple, height - height % multiple
+
+
+def crop_to_trainable_size(scene_dir: str) -> None:
+    """Crop DIR/images_undistorted and the cameras of DIR/sparse/0 at the right and bottom to
+    trainable_size. The undistorter's sizes are arbitrary (400x299), and the NeuS loaders need
+    img_downscale to divide the image; cropping there keeps the pixel origin, so the
+    intrinsics (focal, principal point) stay exactly as they are."""
+    model_dir = os.path.join(scene_dir, SPARSE_MODEL)
+    model = pycolmap.Reconstruction(model_dir)
+    sizes = {}
+    for camera_id, camera in model.cameras.items():
+        camera.width, camera.height = sizes[camera_id] = trainable_size(camera.width, camera.height)
+    model.write(model_dir)
+    for image in model.images.values():
+        width, height = sizes[image.camera_id]
+        path = os.path.join(scene_dir, UNDISTORTED_IMAGES, image.name)
+        photo = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        if photo is None:
+            raise DatasetError(f"cannot read the undistorted photo {path}")
+        if photo.shape[:2] != (height, width):
+            cv2.imwrite(path, photo[:height, :width], [cv2.IMWRITE_JPEG_QUALITY, 100])
 
 
 def undistortion_maps(distorted, pinhole):

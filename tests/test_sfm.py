@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trimesh
 
-pytest.importorskip("pycolmap", reason="pycolmap is not installed (pip install -r requirements.txt)")
+pycolmap = pytest.importorskip("pycolmap", reason="pycolmap is not installed (pip install -r requirements.txt)")
 
 from process_data.colmap import ColmapDataset, load_colmap_scene  # noqa: E402
 from process_data.dtu import DatasetError, decompose_projection, load_neus_scene  # noqa: E402
@@ -109,6 +109,22 @@ def test_colmap_dataset_equals_gen_cameras_output(recovered):
     assert np.abs(direct.images.astype(int) - neus.images.astype(int)).max() <= 1
     dataset = ColmapDataset(ColmapDataset.Config(root_dir=capture))
     assert dataset.n_views == len(neus.names)
+
+
+def test_undistorted_photos_are_cropped_so_that_img_downscale_8_divides_them(recovered):
+    """The undistorter's arbitrary size (e.g. 400x299) is cropped at the right and bottom to a
+    multiple of 8, with the intrinsics untouched, so img_downscale 8 loads (a 400x300 capture
+    gives 50x37 at most)."""
+    _, capture, _ = recovered
+    full = load_neus_scene(capture, "cameras_sphere.npz", 1.0, use_masks=True)
+    small = load_neus_scene(capture, "cameras_sphere.npz", 8.0, use_masks=True)
+    height, width = full.images.shape[1:3]
+    assert width % 8 == 0 and height % 8 == 0 and 360 <= width <= 400 and 270 <= height <= 300
+    assert small.images.shape[1:3] == (height // 8, width // 8)
+    model = pycolmap.Reconstruction(os.path.join(capture, "sparse", "0"))
+    for camera in model.cameras.values():
+        assert (camera.width, camera.height) == (width, height)
+    np.testing.assert_allclose(small.intrinsics[:, :2, :2] * 8, full.intrinsics[:, :2, :2], rtol=1e-6)
 
 
 def write_photos(folder, images):
