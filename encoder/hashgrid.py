@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from encoder.registry import ENCODINGS
-from utils.config import ConfigError, Configurable
+from utils.config import Configurable
+from utils.misc import choose_cuda_backend
 
 HASH_PRIMES = (1, 2654435761, 805459861)
 
@@ -271,26 +272,13 @@ def tcnn_import_error() -> Optional[str]:
 def choose_backend(requested: str, device: torch.device) -> str:
     """auto | torch | tcnn -> the backend that runs: tcnn only on CUDA with tinycudann importable
     (auto falls back to torch); an explicit tcnn that cannot run raises ConfigError saying why."""
-    if requested == "torch":
-        return "torch"
-    if requested not in ("auto", "tcnn"):
-        raise ConfigError(f"hash grid backend must be auto, torch or tcnn, got '{requested}'")
-    if device.type != "cuda":
-        if requested == "auto":
-            return "torch"
-        raise ConfigError(
-            f"backend 'tcnn' runs tiny-cuda-nn's CUDA kernels, but this run's device is {device.type}; "
-            f"on a CUDA machine install tinycudann with `{TCNN_INSTALL}` (a CUDA toolkit "
-            "matching torch's CUDA version), or set backend: torch"
-        )
-    error = tcnn_import_error()
-    if error is None:
-        return "tcnn"
-    if requested == "auto":
-        return "torch"
-    raise ConfigError(
-        f"backend 'tcnn' needs the tinycudann package, which does not import here ({error}); install it "
-        f"with `{TCNN_INSTALL}` (a CUDA toolkit matching torch's CUDA version), or set backend: torch"
+    return choose_cuda_backend(
+        requested, device, "hash grid", "tcnn", tcnn_import_error,
+        f"backend 'tcnn' runs tiny-cuda-nn's CUDA kernels, but this run's device is {device.type}; "
+        f"on a CUDA machine install tinycudann with `{TCNN_INSTALL}` (a CUDA toolkit "
+        "matching torch's CUDA version), or set backend: torch",
+        lambda error: f"backend 'tcnn' needs the tinycudann package, which does not import here ({error}); install it "
+        f"with `{TCNN_INSTALL}` (a CUDA toolkit matching torch's CUDA version), or set backend: torch",
     )
 
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from models.rendering import visible_samples
-from utils.config import ConfigError, Configurable
+from utils.config import Configurable
+from utils.misc import choose_cuda_backend
 
 
 def ray_aabb_intersect(
@@ -173,23 +174,10 @@ def choose_occupancy_backend(requested: str, device: torch.device) -> str:
     """auto | torch | nerfacc -> the backend that samples (and renders packed samples): nerfacc
     only on CUDA with its CUDA code available (auto falls back to torch); an explicit nerfacc
     that cannot run raises ConfigError saying why."""
-    if requested == "torch":
-        return "torch"
-    if requested not in ("auto", "nerfacc"):
-        raise ConfigError(f"occupancy backend must be auto, torch or nerfacc, got '{requested}'")
-    if device.type != "cuda":
-        if requested == "auto":
-            return "torch"
-        raise ConfigError(
-            f"backend 'nerfacc' samples and renders with nerfacc's CUDA kernels, but this run's device is "
-            f"{device.type}; set backend: torch (or auto) to march rays in plain torch"
-        )
-    error = nerfacc_cuda_error()
-    if error is None:
-        return "nerfacc"
-    if requested == "auto":
-        return "torch"
-    raise ConfigError(
-        f"backend 'nerfacc' needs nerfacc's CUDA code: {error}; install the CUDA toolkit matching "
-        "torch's CUDA version (or nerfacc's prebuilt wheel), or set backend: torch"
+    return choose_cuda_backend(
+        requested, device, "occupancy", "nerfacc", nerfacc_cuda_error,
+        f"backend 'nerfacc' samples and renders with nerfacc's CUDA kernels, but this run's device is "
+        f"{device.type}; set backend: torch (or auto) to march rays in plain torch",
+        lambda error: f"backend 'nerfacc' needs nerfacc's CUDA code: {error}; install the CUDA toolkit matching "
+        "torch's CUDA version (or nerfacc's prebuilt wheel), or set backend: torch",
     )

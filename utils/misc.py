@@ -2,7 +2,7 @@
 import logging
 import os
 import random
-from typing import Callable, Dict, List, Tuple, TypeVar
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -87,3 +87,30 @@ def map_in_chunks(fn: Callable[[int, int], T], n: int, chunk: int, what: str) ->
             continue
         start = stop
     return results, chunk
+
+
+def choose_cuda_backend(
+    requested: str,
+    device: torch.device,
+    component: str,
+    cuda_backend: str,
+    why_unavailable: Callable[[], Optional[str]],
+    not_cuda_message: str,
+    unavailable_message: Callable[[str], str],
+) -> str:
+    """auto | torch | cuda_backend -> what runs. The CUDA backend runs only on a CUDA device where
+    why_unavailable() is None; auto then falls back to torch, while an explicit request that
+    cannot run raises ConfigError with not_cuda_message (not a CUDA device) or
+    unavailable_message(reason)."""
+    if requested == "torch":
+        return "torch"
+    if requested not in ("auto", cuda_backend):
+        raise ConfigError(f"{component} backend must be auto, torch or {cuda_backend}, got '{requested}'")
+    reason = None if device.type == "cuda" else "no CUDA"
+    if reason is None:
+        reason = why_unavailable()
+    if reason is None:
+        return cuda_backend
+    if requested == "auto":
+        return "torch"
+    raise ConfigError(not_cuda_message if device.type != "cuda" else unavailable_message(reason))
