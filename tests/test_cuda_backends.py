@@ -32,7 +32,9 @@ from models.occupancy import (
 from models.rendering import NERFACC_OPS, TORCH_OPS, PackedOps, neus_alpha
 from systems.backends import choose_precision
 from tests.test_encoders import reference_encode, reference_layout
-from tests.test_reliability import CPU_CONFIG, TINY, build_system, run_main, scene, scene_template  # noqa: F401
+from tests.test_reliability import (  # noqa: F401  (scene, scene_template: fixtures)
+    CPU_CONFIG, TINY, assert_refused_at_start_up, build_system, run_main, scene, scene_template,
+)
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, load_config
 
@@ -431,12 +433,7 @@ def test_cuda_only_requests_are_refused_at_start_up_on_cpu(case, scene, tmp_path
     outputs = tmp_path / "outputs"
     code, err = run_main(capsys, "--train", "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY,
                          *overrides)
-    assert code == 2
-    message = [line for line in err.splitlines() if "error:" in line]
-    assert len(message) == 1, err
-    for part in expected:
-        assert part in message[0], (part, message[0])
-    assert not outputs.exists()
+    assert_refused_at_start_up(code, err, expected, outputs)
 
 
 def test_choices_on_a_cuda_device_follow_what_is_installed(monkeypatch):

@@ -72,6 +72,16 @@ def build_system(scene, trial_dir, *overrides):
                                                    torch.device("cpu"))
 
 
+def assert_refused_at_start_up(code, err, expected, outputs):
+    """Exit status 2, one error line holding every part of `expected`, and no outputs folder."""
+    assert code == 2
+    message = [line for line in err.splitlines() if "error:" in line]
+    assert len(message) == 1, err
+    for part in expected:
+        assert part in message[0], (part, message[0])
+    assert not outputs.exists()
+
+
 # --- bad input, refused at start-up -----------------------------------------------------------
 def write_image(path, width, height):
     cv2.imwrite(path, np.full((height, width, 3), 127, np.uint8))
@@ -136,12 +146,7 @@ def test_bad_data_is_refused_before_anything_is_written(case, scene, tmp_path, c
     outputs = tmp_path / "outputs"
     code, err = run_main(capsys, "--train", "--outputs_dir", str(outputs), f"dataset.root_dir={root_dir}",
                          *TINY, *extra)
-    assert code == 2
-    message = [line for line in err.splitlines() if "error:" in line]
-    assert len(message) == 1, err
-    for part in BAD_INPUTS[case]:
-        assert part in message[0], (part, message[0])
-    assert not outputs.exists()
+    assert_refused_at_start_up(code, err, BAD_INPUTS[case], outputs)
 
 
 @pytest.mark.parametrize(
@@ -157,12 +162,7 @@ def test_bad_data_is_refused_before_anything_is_written(case, scene, tmp_path, c
 def test_bad_config_and_resume_are_refused(args, expected, scene, tmp_path, capsys):
     outputs = tmp_path / "outputs"
     code, err = run_main(capsys, *args, "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY)
-    assert code == 2
-    message = [line for line in err.splitlines() if "error:" in line]
-    assert len(message) == 1, err
-    for part in expected:
-        assert part in message[0], (part, message[0])
-    assert not outputs.exists()
+    assert_refused_at_start_up(code, err, expected, outputs)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
