@@ -11,8 +11,8 @@ uniform in [-1e-4, 1e-4]. Output is level-major: [l0 f0, l0 f1, l1 f0, ...].
 `backend: torch` is the plain-PyTorch reference (works everywhere; gathers are done
 level-major with one `index_select` on flat indices, which is what makes it fast on CPU);
 `backend: tcnn` wraps `tinycudann.Encoding` (CUDA only; its flat parameters are this table
-flattened row-major, see `tcnn_params_from_table`); `auto` takes tcnn only on CUDA when it
-imports. On top of either sits the progressive band mask (Neuralangelo /
+flattened row-major, see `tcnn_params_from_table`; checkpoints hold the [T, F] table on both
+backends, so they move between them); `auto` takes tcnn only on CUDA when it imports. On top of either sits the progressive band mask (Neuralangelo /
 instant-nsr-pl): only the first `current_level` levels are active; the rest output zeros.
 """
 import math
@@ -298,6 +298,24 @@ def tcnn_params_from_table(table: torch.Tensor, n_params: int) -> torch.Tensor:
     return table.reshape(-1)
 
 
+TCNN_PARAMS = "tcnn_encoding.params"
+
+
+def _tcnn_params_as_table(module: "HashGrid", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook (tcnn backend): save tcnn's flat parameters as the torch backend's
+    [T, F] `table`, so a checkpoint does not depend on the backend that wrote it."""
+    state_dict[prefix + "table"] = state_dict.pop(prefix + TCNN_PARAMS).view(-1, module.n_features)
+
+
+def _table_as_tcnn_params(module: "HashGrid", state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook (tcnn backend): a saved [T, F] `table` (either backend's) into
+    tcnn's flat parameters (`tcnn_params_from_table`'s row-major layout)."""
+    if prefix + "table" in state_dict:
+        table = state_dict.pop(prefix + "table")
+        n_params = module.tcnn_encoding.params.numel()
+        state_dict[prefix + TCNN_PARAMS] = tcnn_params_from_table(table, n_params) if table.numel() == n_params else table
+
+
 @ENCODINGS.register("HashGrid")
 class HashGrid(Configurable, nn.Module):
     @dataclass
@@ -350,6 +368,10 @@ class HashGrid(Configurable, nn.Module):
             )
             with torch.no_grad():
                 self.tcnn_encoding.params.copy_(tcnn_params_from_table(table, self.tcnn_encoding.params.numel()))
+            # checkpoints hold `table` [T, F] on both backends: a run trained with tcnn on a GPU
+            # tests, meshes and resumes with the torch backend (e.g. on a CPU), and back
+            self.register_state_dict_post_hook(_tcnn_params_as_table)
+            self.register_load_state_dict_pre_hook(_table_as_tcnn_params)
         else:
             self.table = nn.Parameter(table)
             self.kernels = make_kernels(self.levels, config.compile)

@@ -16,7 +16,9 @@ from models import MODELS
 from process_data import DATASETS
 from systems.base import BaseSystem
 from systems.losses import LossConfig, neus_losses, with_sample_weight
-from systems.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
+from systems.optim import (
+    OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler, fit_state_to_parameter_shapes,
+)
 from systems.registry import SYSTEMS
 from utils.mesh import (
     extract_surface,
@@ -311,6 +313,7 @@ class NeuSSystem(BaseSystem):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        fit_state_to_parameter_shapes(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
 
 

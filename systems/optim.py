@@ -52,5 +52,17 @@ def build_optimizer(groups: Dict[str, list], config: OptimizerConfig) -> torch.o
     )
 
 
+def fit_state_to_parameter_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """Reshape each loaded moment (exp_avg, exp_avg_sq) to its parameter's shape where only the
+    shape differs: the hash table is [T, F] under the torch backend and flat [T F] under tcnn,
+    so a checkpoint resumes under the other backend. Scalars (step) are left alone."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if value.dim() > 0 and value.shape != param.shape and value.numel() == param.numel():
+                    state[key] = value.reshape(param.shape)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
