@@ -4,6 +4,8 @@ PyPI wheel, no system COLMAP needed), then undistortion to a pinhole camera.
 Reads DIR/images/*.jpg|png (your photos, left untouched); writes
 
     DIR/colmap/database.db      SIFT features and geometrically verified matches
+    DIR/colmap/masks/           when DIR/masks/ is present: your masks, binarised and named as
+                                COLMAP wants them (NAME.png), to keep SIFT features on the object
     DIR/colmap/sparse/0/        the model as mapped: one shared camera with lens distortion
     DIR/sparse/0/               the UNDISTORTED model: one PINHOLE camera, the poses of the
                                 registered photos, the sparse points (cameras/images/points3D.bin)
@@ -12,6 +14,11 @@ Reads DIR/images/*.jpg|png (your photos, left untouched); writes
                                 that dataset.img_downscale 2, 4 or 8 divides them
     DIR/masks_undistorted/      when DIR/masks/ holds masks of the photos (NAME, NAME.png or
                                 STEM.png; white = object): them, undistorted the same way
+
+DIR/colmap/ is rebuilt on every run. Masks (white = object, the same size as their photo)
+restrict the SIFT features to the object: no features where a mask is black (<= 127), so a
+cluttered or moving background cannot mislead the matching; --no_feature_masks extracts on the
+whole photos (when the background's texture is needed to register them).
 
 Stages: SIFT extraction -> matching (exhaustive: every pair; sequential: each photo with its
 neighbours in name order, for video frames) -> incremental mapping -> undistortion. All photos
@@ -25,7 +32,7 @@ Progress: a bar for extraction and mapping; COLMAP's own log lines for matching 
 or images); --verbose shows all of COLMAP's log.
 
 CLI: python -m process_data.imgs2poses DIR [--matcher exhaustive|sequential] [--camera_model SIMPLE_RADIAL]
-     [--min_registered N] [--max_image_size PX] [--num_threads N] [--seed 0] [--verbose]
+     [--min_registered N] [--max_image_size PX] [--num_threads N] [--seed 0] [--no_feature_masks] [--verbose]
 """
 import argparse
 import logging
@@ -35,7 +42,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -51,6 +58,8 @@ log = logging.getLogger("imgs2poses")
 MATCHERS = ("exhaustive", "sequential")
 UNDISTORTED_IMAGES = "images_undistorted"
 UNDISTORTED_MASKS = "masks_undistorted"
+USER_MASKS = "masks"
+MASK_THRESHOLD = 127  # mask pixels above it are the object (white)
 EXTRACTION_CHUNK = 8  # photos per extraction call: the progress bar's step
 COLMAP_INFO, COLMAP_WARNING = 0, 1  # glog levels of COLMAP's log
 
@@ -64,8 +73,9 @@ class SfMOptions:
     peak_threshold: float = 0.02 / 3  # SIFT contrast threshold (COLMAP's); lower finds more features on weak texture
     domain_size_pooling: bool = False  # DSP-SIFT descriptors: better matches across wide baselines, slower
     num_threads: int = -1  # -1: all cores
-    sequential_overlap: int = 10  # sequential matcher: neighbours matched on each side
+    sequential_overlap: int = 10  # sequential matcher: photo i with i+1, i+2, i+4, ... i+2^(overlap-1) (quadratic overlap)
     seed: int = 0
+    feature_masks: bool = True  # DIR/masks/, when present, keeps the SIFT features on the object
     verbose: bool = False  # all of COLMAP's log lines
 
 
@@ -106,9 +116,46 @@ def verified_partners(database_path: str, min_inliers: int) -> Dict[str, int]:
     return partners
 
 
-def extract_features(database_path: str, image_dir: str, names: List[str], options: SfMOptions) -> None:
+def read_mask(path: str, name: str, width: int, height: int) -> np.ndarray:
+    """The user's mask at `path` of photo `name` as [H, W] uint8 grayscale, which must be
+    width x height like the photo."""
+    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if mask is None or mask.shape != (height, width):
+        raise DatasetError(f"mask {path} is unreadable or not {width}x{height} like photo {name}")
+    return mask
+
+
+def photo_size(path: str) -> Tuple[int, int]:
+    """(width, height) of the photo at path, as stored in the file (no EXIF rotation)."""
+    photo = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if photo is None:
+        raise DatasetError(f"cannot read the photo {path}")
+    return photo.shape[1], photo.shape[0]
+
+
+def write_feature_masks(mask_dir: str, image_dir: str, names: List[str], out_dir: str) -> None:
+    """The user's masks of all photos, in COLMAP's naming for feature extraction:
+    out_dir/NAME.png, 255 where the mask is white (> MASK_THRESHOLD, the object) and 0 elsewhere
+    (COLMAP extracts no features where it is 0). The user's files are left untouched."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    for name in tqdm(names, desc="feature masks", unit="mask"):
+        path = mask_path(mask_dir, name)
+        inside = read_mask(path, name, *photo_size(os.path.join(image_dir, name))) > MASK_THRESHOLD
+        if not inside.any():
+            raise DatasetError(
+                f"mask {path} is all black (no pixel above {MASK_THRESHOLD}), so photo {name} would get no features: "
+                "white marks the object; fix the mask, or remove the photo and its mask"
+            )
+        cv2.imwrite(os.path.join(out_dir, name + ".png"), np.where(inside, 255, 0).astype(np.uint8))
+
+
+def extract_features(
+    database_path: str, image_dir: str, names: List[str], options: SfMOptions, feature_mask_dir: Optional[str] = None
+) -> None:
     """SIFT features of all photos into the database, in chunks (for the progress bar); the
-    first chunk creates the one shared camera, the others join it."""
+    first chunk creates the one shared camera, the others join it. feature_mask_dir: masks in
+    COLMAP's naming (write_feature_masks); no features where they are 0."""
     sift = pycolmap.SiftExtractionOptions(
         peak_threshold=options.peak_threshold, domain_size_pooling=options.domain_size_pooling
     )
@@ -120,6 +167,8 @@ def extract_features(database_path: str, image_dir: str, names: List[str], optio
             reader = pycolmap.ImageReaderOptions(camera_model=options.camera_model)
             if start > 0:
                 reader.existing_camera_id = 1
+            if feature_mask_dir is not None:
+                reader.mask_path = feature_mask_dir
             chunk = names[start : start + EXTRACTION_CHUNK]
             pycolmap.extract_features(
                 database_path, image_dir, image_names=chunk, camera_mode=pycolmap.CameraMode.SINGLE,
@@ -152,8 +201,9 @@ def map_photos(database_path: str, image_dir: str, model_dir: str, n_photos: int
     return max(models.values(), key=lambda m: m.num_reg_images())
 
 
-def check_registration(model, names: List[str], database_path: str, image_dir: str, required: int) -> None:
-    """Refuse a model with fewer than `required` registered photos, naming those that failed."""
+def check_registration(model, names: List[str], database_path: str, image_dir: str, required: int, masked: bool) -> None:
+    """Refuse a model with fewer than `required` registered photos, naming those that failed
+    (masked: the features were kept on the object by masks, which the advice mentions)."""
     registered = {model.image(i).name for i in model.reg_image_ids()} if model is not None else set()
     failed = [n for n in names if n not in registered]
     if len(registered) >= required:
@@ -172,6 +222,7 @@ def check_registration(model, names: List[str], database_path: str, image_dir: s
         f"only {len(registered)} of the {len(names)} photos in {image_dir} registered (at least {required} needed; "
         f"--min_registered sets it). Not registered: {', '.join(failed)}. {why}. Take overlapping photos "
         "(neighbours share most of the view) of a textured object, with the object in the middle"
+        + ("; or try --no_feature_masks (your masks keep the features on the object; the background may help)" if masked else "")
     )
 
 
@@ -240,16 +291,14 @@ def undistort_masks(mask_dir: str, distorted_model, scene_dir: str) -> None:
     maps = {}
     for image_id in tqdm(distorted_model.reg_image_ids(), desc="undistorting masks", unit="mask"):
         image = distorted_model.image(image_id)
-        path = mask_path(mask_dir, image.name)
-        mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
         camera = distorted_model.camera(image.camera_id)
-        if mask is None or mask.shape != (camera.height, camera.width):
-            raise DatasetError(f"mask {path} is unreadable or not {camera.width}x{camera.height} like photo {image.name}")
+        mask = read_mask(mask_path(mask_dir, image.name), image.name, camera.width, camera.height)
         if image.camera_id not in maps:
             pinhole = pinhole_model.camera(pinhole_model.find_image_with_name(image.name).camera_id)
             maps[image.camera_id] = undistortion_maps(camera, pinhole)
         undistorted = cv2.remap(mask, *maps[image.camera_id], cv2.INTER_LINEAR, borderValue=0)
-        cv2.imwrite(os.path.join(out_dir, os.path.splitext(image.name)[0] + ".png"), np.where(undistorted > 127, 255, 0).astype(np.uint8))
+        binary = np.where(undistorted > MASK_THRESHOLD, 255, 0).astype(np.uint8)
+        cv2.imwrite(os.path.join(out_dir, os.path.splitext(image.name)[0] + ".png"), binary)
 
 
 def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):
@@ -269,15 +318,21 @@ def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):
     pycolmap.logging.minloglevel = quiet
 
     start = time.time()
-    log.info("[1/4] SIFT features of %d photos in %s", len(names), image_dir)
-    extract_features(database_path, image_dir, names, options)
+    mask_dir = os.path.join(scene_dir, USER_MASKS)
+    feature_mask_dir = None
+    if options.feature_masks and os.path.isdir(mask_dir):
+        feature_mask_dir = os.path.join(work_dir, USER_MASKS)
+        write_feature_masks(mask_dir, image_dir, names, feature_mask_dir)
+    log.info("[1/4] SIFT features of %d photos in %s%s", len(names), image_dir,
+             f", only where the masks in {mask_dir} are white (--no_feature_masks: everywhere)" if feature_mask_dir else "")
+    extract_features(database_path, image_dir, names, options, feature_mask_dir)
     log.info("[2/4] %s matching (%.1f s so far); COLMAP's progress follows", options.matcher, time.time() - start)
     pycolmap.logging.minloglevel = COLMAP_INFO
     match_features(database_path, options)
     pycolmap.logging.minloglevel = quiet
     log.info("[3/4] incremental mapping (%.1f s so far)", time.time() - start)
     model = map_photos(database_path, image_dir, os.path.join(work_dir, "sparse"), len(names), options)
-    check_registration(model, names, database_path, image_dir, required)
+    check_registration(model, names, database_path, image_dir, required, masked=feature_mask_dir is not None)
     model_dir = os.path.join(work_dir, "sparse", "0")
     model.write(model_dir)  # the largest model, whichever number the mapper gave it
     log.info(
@@ -286,7 +341,6 @@ def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):
     )
     log.info("[4/4] undistorting to a pinhole camera (%.1f s so far)", time.time() - start)
     undistort(model_dir, image_dir, scene_dir, options.num_threads)
-    mask_dir = os.path.join(scene_dir, "masks")
     if os.path.isdir(mask_dir):
         undistort_masks(mask_dir, model, scene_dir)
     log.info("done in %.1f s: %s and %s", time.time() - start,
@@ -312,6 +366,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num_threads", type=int, default=defaults.num_threads)
     parser.add_argument("--sequential_overlap", type=int, default=defaults.sequential_overlap)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--no_feature_masks", dest="feature_masks", action="store_false",
+                        help="extract SIFT features on the whole photos even when DIR/masks/ is present")
     parser.add_argument("--verbose", action="store_true", help="show all of COLMAP's log lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")

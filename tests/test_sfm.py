@@ -1,6 +1,7 @@
 """Structure from motion on photos (imgs2poses), the NeuS format made from it (gen_cameras) and
 the `colmap` dataset: the demo scene, rendered with fine texture into a folder of plain photos,
-must give back its true cameras; bad folders must give clear errors."""
+must give back its true cameras with either matcher; masks must keep the SIFT features on the
+object; bad folders must give clear errors."""
 import json
 import os
 import shutil
@@ -13,35 +14,65 @@ import trimesh
 
 pycolmap = pytest.importorskip("pycolmap", reason="pycolmap is not installed (pip install -r requirements.txt)")
 
-from process_data.colmap import ColmapDataset, load_colmap_scene  # noqa: E402
+from process_data.colmap import ColmapDataset, load_colmap_scene, read_sparse_model  # noqa: E402
 from process_data.dtu import DatasetError, decompose_projection, load_neus_scene  # noqa: E402
 from process_data.gen_cameras import gen_cameras  # noqa: E402
-from process_data.imgs2poses import SfMOptions, run_sfm  # noqa: E402
-from process_data.synthetic import make_demo_scene  # noqa: E402
+from process_data.imgs2poses import SfMOptions, extract_features, run_sfm, write_feature_masks  # noqa: E402
+from process_data.synthetic import camera_poses, make_demo_scene  # noqa: E402
 from utils.camera import aligned_pose_errors  # noqa: E402
 
 N_VIEWS = 48
 
 
 @pytest.fixture(scope="module")
-def recovered(tmp_path_factory):
-    """The demo scene (48 views, 400x300, fine spots) as photos + masks in a capture folder,
-    run through imgs2poses and gen_cameras -> (truth dir, capture dir, seconds of SfM)."""
-    root = tmp_path_factory.mktemp("sfm")
-    truth = make_demo_scene(str(root / "truth"), n_views=N_VIEWS, width=400, height=300, detail=0.9)
-    capture = root / "capture"
-    os.makedirs(capture / "masks")
-    shutil.copytree(os.path.join(truth, "image"), capture / "images")
-    for i, name in enumerate(sorted(os.listdir(capture / "images"))):
-        shutil.copy(os.path.join(truth, "mask", f"{i:03d}.png"), capture / "masks" / name)
-    start = time.time()
-    run_sfm(str(capture), SfMOptions(num_threads=1))
-    gen_cameras(str(capture))
-    return truth, str(capture), time.time() - start
+def truth(tmp_path_factory):
+    """The demo scene: 48 views, 400x300, fine spots (rendered once for the module)."""
+    return make_demo_scene(str(tmp_path_factory.mktemp("truth")), n_views=N_VIEWS, width=400, height=300, detail=0.9)
+
+
+def make_capture(truth: str, capture: str, order) -> None:
+    """A capture folder of the truth's views taken in `order`: capture/images/KK_VV.png
+    (K: the place in the order, V: the true view) and the object masks as capture/masks/KK_VV.png."""
+    os.makedirs(os.path.join(capture, "images"))
+    os.makedirs(os.path.join(capture, "masks"))
+    views = sorted(os.listdir(os.path.join(truth, "image")))
+    for k, i in enumerate(order):
+        name = f"{k:02d}_{i:02d}.png"
+        shutil.copy(os.path.join(truth, "image", views[i]), os.path.join(capture, "images", name))
+        shutil.copy(os.path.join(truth, "mask", f"{i:03d}.png"), os.path.join(capture, "masks", name))
 
 
 def true_index(name: str) -> int:
-    return int(os.path.splitext(name)[0])
+    """The true view of photo KK_VV.png (make_capture)."""
+    return int(os.path.splitext(name)[0].split("_")[1])
+
+
+def aligned_to_truth(truth: str, names, c2w: np.ndarray):
+    """aligned_pose_errors of the cameras c2w [N, 3, 4] of photos `names` against the truth:
+    rotation errors [N] degrees, centre errors [N] (fractions of the camera distance), (s, R, t)."""
+    true = np.load(os.path.join(truth, "cameras_sphere.npz"))
+    c2w_true = np.stack([decompose_projection(true[f"world_mat_{true_index(n)}"][:3])[1] for n in names])
+    return aligned_pose_errors(c2w, c2w_true)
+
+
+def report(label: str, n_registered: int, seconds: float, rotation: np.ndarray, centre: np.ndarray) -> None:
+    print(
+        f"\n{label}: {n_registered}/{N_VIEWS} views registered in {seconds:.1f} s; rotation error "
+        f"max {rotation.max():.3f} mean {rotation.mean():.3f} deg; centre error max {100 * centre.max():.3f}% "
+        f"mean {100 * centre.mean():.3f}% of the camera distance"
+    )
+
+
+@pytest.fixture(scope="module")
+def recovered(truth, tmp_path_factory):
+    """The demo views as photos + masks in a capture folder (in the order rendered), run
+    through imgs2poses (exhaustive matching) and gen_cameras -> (truth dir, capture dir, seconds of SfM)."""
+    capture = str(tmp_path_factory.mktemp("sfm") / "capture")
+    make_capture(truth, capture, range(N_VIEWS))
+    start = time.time()
+    run_sfm(capture, SfMOptions(num_threads=1))
+    gen_cameras(capture)
+    return truth, capture, time.time() - start
 
 
 def test_recovers_the_true_cameras(recovered):
@@ -51,15 +82,9 @@ def test_recovers_the_true_cameras(recovered):
     with open(os.path.join(capture, "gen_cameras.json")) as f:
         names = json.load(f)["views"]
     ours = np.load(os.path.join(capture, "cameras_sphere.npz"))
-    true = np.load(os.path.join(truth, "cameras_sphere.npz"))
     c2w = np.stack([decompose_projection(ours[f"world_mat_{i}"][:3])[1] for i in range(len(names))])
-    c2w_true = np.stack([decompose_projection(true[f"world_mat_{true_index(n)}"][:3])[1] for n in names])
-    rotation, centre, _ = aligned_pose_errors(c2w, c2w_true)
-    print(
-        f"\nSfM on the demo scene: {len(names)}/{N_VIEWS} views registered in {seconds:.1f} s; rotation error "
-        f"max {rotation.max():.3f} mean {rotation.mean():.3f} deg; centre error max {100 * centre.max():.3f}% "
-        f"mean {100 * centre.mean():.3f}% of the camera distance"
-    )
+    rotation, centre, _ = aligned_to_truth(truth, names, c2w)
+    report("SfM on the demo scene", len(names), seconds, rotation, centre)
     assert len(names) >= 0.9 * N_VIEWS
     assert rotation.max() < 1.0
     assert centre.max() < 0.01
@@ -73,10 +98,8 @@ def test_region_holds_the_object(recovered):
     views = load_neus_scene(capture, "cameras_sphere.npz", 1.0, use_masks=False)
     with open(os.path.join(capture, "gen_cameras.json")) as f:
         names = json.load(f)["views"]
-    true = np.load(os.path.join(truth, "cameras_sphere.npz"))
     c2w_world = np.stack([decompose_projection(views.world_mats[i][:3])[1] for i in range(len(names))])
-    c2w_true = np.stack([decompose_projection(true[f"world_mat_{true_index(n)}"][:3])[1] for n in names])
-    _, _, (s, R, t) = aligned_pose_errors(c2w_world, c2w_true)
+    _, _, (s, R, t) = aligned_to_truth(truth, names, c2w_world)
     gt = np.asarray(trimesh.load(os.path.join(truth, "gt_mesh.ply"), process=False).vertices)  # [V, 3] true world
     sfm = (gt - t) @ R / s  # [V, 3] SfM world: R^T (x - t) / s
     normalised = (sfm - views.scale_mat[:3, 3]) / views.scale_mat[0, 0]
@@ -127,10 +150,144 @@ def test_undistorted_photos_are_cropped_so_that_img_downscale_8_divides_them(rec
     np.testing.assert_allclose(small.intrinsics[:, :2, :2] * 8, full.intrinsics[:, :2, :2], rtol=1e-6)
 
 
-def write_photos(folder, images):
+def keypoints(database_path: str):
+    """{photo name: its SIFT keypoints' (x, y) [K, 2]} in a COLMAP database (COLMAP's pixel
+    coordinates: the top-left pixel spans [0, 1)^2, so pixel (row, col) = (int(y), int(x)))."""
+    database = pycolmap.Database.open(database_path)
+    try:
+        return {image.name: database.read_keypoints(image.image_id)[:, :2] for image in database.read_all_images()}
+    finally:
+        database.close()
+
+
+def on_mask(points: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[K] bool: the keypoints (x, y) [K, 2] that lie on a white (> 127) pixel of mask [H, W]."""
+    return mask[points[:, 1].astype(int), points[:, 0].astype(int)] > 127
+
+
+def test_features_lie_on_the_masks(recovered):
+    """With DIR/masks/ present, imgs2poses extracts SIFT features on the object only: every
+    keypoint of every photo lies on a white pixel of its mask."""
+    _, capture, _ = recovered
+    found = keypoints(os.path.join(capture, "colmap", "database.db"))
+    masks = {name: cv2.imread(os.path.join(capture, "masks", name), cv2.IMREAD_GRAYSCALE) for name in found}
+    inside = {name: on_mask(points, masks[name]).mean() for name, points in found.items()}
+    counts = [len(points) for points in found.values()]
+    print(f"\nfeatures of the {len(found)} masked photos: {min(counts)}-{max(counts)} keypoints each, "
+          f"shares on the masks {min(inside.values()):.3f}-{max(inside.values()):.3f}")
+    assert len(found) == N_VIEWS and min(counts) > 100
+    assert all(share == 1.0 for share in inside.values()), {n: share for n, share in inside.items() if share < 1}
+
+
+def walk_order(n_views: int):
+    """The demo views in the order of a video taken walking around the object. They are
+    rendered on a golden-angle spiral (consecutive views 137.5 degrees apart in azimuth);
+    the walk starts at view 0 and always steps to the nearest view not yet taken (steps of
+    about 22 degrees; two steps near the end jump 85 degrees to fill the gaps left). Circling
+    rings of elevation in turn instead drifts a little more (1.1-1.2% centre error here): no
+    loop closure joins the rings."""
+    centres = camera_poses(n_views)[:, :, 3]  # [N, 3]
+    order, left = [0], set(range(1, n_views))
+    while left:
+        nearest = min(left, key=lambda j: np.linalg.norm(centres[j] - centres[order[-1]]))
+        order.append(nearest)
+        left.remove(nearest)
+    return order
+
+
+def test_sequential_matcher_recovers_the_true_cameras(truth, tmp_path):
+    """The demo views as video frames (walk_order), each matched with its neighbours in name
+    order only (--matcher sequential, far fewer pairs than exhaustive): every view registers,
+    within 1 degree and 1% of the camera distance of the truth, like exhaustive matching."""
+    capture = str(tmp_path / "capture")
+    make_capture(truth, capture, walk_order(N_VIEWS))
+    start = time.time()
+    run_sfm(capture, SfMOptions(matcher="sequential", num_threads=1))
+    seconds = time.time() - start
+    model = read_sparse_model(os.path.join(capture, "sparse", "0"))
+    rotation, centre, _ = aligned_to_truth(truth, model.names, model.c2w)
+    report("Sequential matching on the demo scene walked around", len(model.names), seconds, rotation, centre)
+    database = pycolmap.Database.open(os.path.join(capture, "colmap", "database.db"))
+    n_pairs = database.num_matched_image_pairs()
+    database.close()
+    print(f"{n_pairs} pairs matched (exhaustive: {N_VIEWS * (N_VIEWS - 1) // 2})")
+    assert n_pairs < N_VIEWS * (N_VIEWS - 1) / 4, f"{n_pairs} pairs matched: not sequential"
+    assert len(model.names) == N_VIEWS
+    assert rotation.max() < 1.0
+    assert centre.max() < 0.01
+
+
+def write_photos(folder, images, ext=".png"):
     os.makedirs(folder, exist_ok=True)
     for i, image in enumerate(images):
-        cv2.imwrite(os.path.join(folder, f"photo_{i:02d}.png"), image)
+        cv2.imwrite(os.path.join(folder, f"photo_{i:02d}{ext}"), image)
+
+
+def noise_photos(n: int, width: int = 200, height: int = 150):
+    """n independent blurred-noise photos [height, width, 3]: SIFT finds features all over them."""
+    rng = np.random.default_rng(0)
+    return [cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (3, 3), 0) for _ in range(n)]
+
+
+def left_half_masks(folder, n: int, width: int = 200, height: int = 150) -> None:
+    """Masks photo_KK.png, black on the left half (x < width / 2), white on the right."""
+    os.makedirs(folder)
+    mask = np.full((height, width), 255, np.uint8)
+    mask[:, : width // 2] = 0
+    for i in range(n):
+        cv2.imwrite(os.path.join(folder, f"photo_{i:02d}.png"), mask)
+
+
+def test_masks_keep_the_features_off_the_masked_out_region(tmp_path):
+    """Masks black on the left half of .jpg photos (named STEM.png): with them no keypoint lies
+    there, without them many do."""
+    write_photos(tmp_path / "images", noise_photos(3), ext=".jpg")
+    left_half_masks(tmp_path / "masks", 3)
+    names = sorted(os.listdir(tmp_path / "images"))
+    write_feature_masks(str(tmp_path / "masks"), str(tmp_path / "images"), names, str(tmp_path / "colmap_masks"))
+    assert sorted(os.listdir(tmp_path / "colmap_masks")) == [n + ".png" for n in names]  # COLMAP's naming
+    options = SfMOptions(num_threads=1)
+    extract_features(str(tmp_path / "masked.db"), str(tmp_path / "images"), names, options, str(tmp_path / "colmap_masks"))
+    extract_features(str(tmp_path / "plain.db"), str(tmp_path / "images"), names, options)
+    masked, plain = keypoints(str(tmp_path / "masked.db")), keypoints(str(tmp_path / "plain.db"))
+    left = {n: (int((masked[n][:, 0] < 100).sum()), int((plain[n][:, 0] < 100).sum())) for n in names}
+    print(f"\nkeypoints (masked, unmasked): all {[(len(masked[n]), len(plain[n])) for n in names]}, "
+          f"on the left half {list(left.values())}")
+    assert all(masked_left == 0 and plain_left > 50 for masked_left, plain_left in left.values()), left
+    assert all(len(masked[n]) > 50 for n in names)
+
+
+def test_no_feature_masks_extracts_on_the_whole_photos(tmp_path):
+    """feature_masks=False (--no_feature_masks) ignores DIR/masks/ at extraction; with masks,
+    the registration error suggests it. (The noise photos never register: only the features
+    in the database are checked.)"""
+    write_photos(tmp_path / "images", noise_photos(3))
+    left_half_masks(tmp_path / "masks", 3)
+    database_path = str(tmp_path / "colmap" / "database.db")
+    with pytest.raises(DatasetError, match="--no_feature_masks"):
+        run_sfm(str(tmp_path), SfMOptions(num_threads=1))
+    assert all((points[:, 0] >= 100).all() for points in keypoints(database_path).values())
+    with pytest.raises(DatasetError, match="do not overlap") as error:
+        run_sfm(str(tmp_path), SfMOptions(num_threads=1, feature_masks=False))
+    assert "--no_feature_masks" not in str(error.value)
+    assert all((points[:, 0] < 100).any() for points in keypoints(database_path).values())
+
+
+@pytest.mark.parametrize("mask,message", [
+    pytest.param(np.full((100, 200), 255, np.uint8), r"mask \S*photo_01.png is unreadable or not 200x150 like photo photo_01",
+                 id="wrong size"),
+    pytest.param(np.zeros((150, 200), np.uint8), r"mask \S*photo_01.png is all black .* photo photo_01.png would get no",
+                 id="all black"),
+])
+def test_error_for_a_bad_mask(tmp_path, mask, message):
+    """A mask that cannot restrict the features of its photo stops imgs2poses before
+    extraction, naming the file."""
+    write_photos(tmp_path / "images", noise_photos(3))
+    left_half_masks(tmp_path / "masks", 3)
+    cv2.imwrite(str(tmp_path / "masks" / "photo_01.png"), mask)
+    with pytest.raises(DatasetError, match=message):
+        run_sfm(str(tmp_path), SfMOptions(num_threads=1))
+    assert not os.path.exists(tmp_path / "colmap" / "database.db")
 
 
 def test_error_for_a_folder_without_images(tmp_path):
@@ -149,9 +306,7 @@ def test_error_for_a_single_image(tmp_path):
 
 def test_error_for_photos_that_do_not_overlap(tmp_path):
     """Independent noise images share no verified matches: the error names every photo."""
-    rng = np.random.default_rng(0)
-    noise = [cv2.GaussianBlur(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8), (3, 3), 0) for _ in range(3)]
-    write_photos(tmp_path / "images", noise)
+    write_photos(tmp_path / "images", noise_photos(3))
     with pytest.raises(DatasetError, match=r"only \d of the 3 photos .*photo_00.png.*do not overlap") as error:
         run_sfm(str(tmp_path), SfMOptions(num_threads=1))
     assert all(f"photo_{i:02d}.png" in str(error.value) for i in range(3))
