@@ -267,7 +267,8 @@ def crop_to_trainable_size(scene_dir: str) -> None:
         if photo is None:
             raise DatasetError(f"cannot read the undistorted photo {path}")
         if photo.shape[:2] != (height, width):
-            cv2.imwrite(path, photo[:height, :width], [cv2.IMWRITE_JPEG_QUALITY, 100])
+            is_jpeg = os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
+            cv2.imwrite(path, photo[:height, :width], [cv2.IMWRITE_JPEG_QUALITY, 100] if is_jpeg else [])
 
 
 def undistortion_maps(distorted, pinhole):
