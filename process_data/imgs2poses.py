@@ -4,6 +4,8 @@ PyPI wheel, no system COLMAP needed), then undistortion to a pinhole camera.
 Reads DIR/images/*.jpg|png (your photos, left untouched); writes
 
     DIR/colmap/database.db      SIFT features and geometrically verified matches
+    DIR/colmap/images_upright/  when a photo carries an EXIF rotation (phones): all photos, that
+                                one turned upright, for COLMAP (which ignores the EXIF tag)
     DIR/colmap/masks/           when DIR/masks/ is present: your masks, binarised and named as
                                 COLMAP wants them (NAME.png), to keep SIFT features on the object
     DIR/colmap/sparse/0/        the model as mapped: one shared camera with lens distortion
@@ -46,6 +48,7 @@ from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from process_data.colmap import SPARSE_MODEL, import_pycolmap, mask_path
@@ -123,6 +126,62 @@ def read_mask(path: str, name: str, width: int, height: int) -> np.ndarray:
     if mask is None or mask.shape != (height, width):
         raise DatasetError(f"mask {path} is unreadable or not {width}x{height} like photo {name}")
     return mask
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 (or absent) means the pixels are stored upright
+UPRIGHT_IMAGES = "images_upright"
+# a JPEG written again: the least loss (quality 100, no chroma subsampling)
+JPEG_BEST = [cv2.IMWRITE_JPEG_QUALITY, 100, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+
+
+def exif_orientation(path: str) -> int:
+    """The photo's EXIF orientation (1: stored upright), read from its header without decoding."""
+    with Image.open(path) as image:
+        return int(image.getexif().get(EXIF_ORIENTATION, 1))
+
+
+def upright_photos(image_dir: str, names: List[str], work_dir: str) -> str:
+    """The folder to reconstruct from: image_dir itself, or, when some photos carry an EXIF
+    rotation, work_dir/images_upright/ with those photos turned upright (as viewers and masks
+    show them) and the others copied. COLMAP reads the stored pixels and ignores the tag, so
+    without this a phone's portrait photos would be reconstructed (and trained) sideways."""
+    rotated = [name for name in names if exif_orientation(os.path.join(image_dir, name)) != 1]
+    if not rotated:
+        return image_dir
+    out_dir = os.path.join(work_dir, UPRIGHT_IMAGES)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in tqdm(names, desc="turning photos upright", unit="photo"):
+        path = os.path.join(image_dir, name)
+        if name in rotated:
+            upright = cv2.imread(path, cv2.IMREAD_COLOR)  # OpenCV applies the EXIF rotation
+            if upright is None:
+                raise DatasetError(f"cannot read the photo {path}")
+            cv2.imwrite(os.path.join(out_dir, name), upright, JPEG_BEST if is_jpeg(name) else [])
+        else:
+            shutil.copyfile(path, os.path.join(out_dir, name))
+    log.info("%d of %d photos carry an EXIF rotation (e.g. %s): reconstructing upright copies in %s",
+             len(rotated), len(names), rotated[0], out_dir)
+    return out_dir
+
+
+def check_one_size(image_dir: str, names: List[str]) -> None:
+    """All photos must be the same size: they share one camera (one calibration), and the NeuS
+    format one image size. Read from the headers, so cheap."""
+    sizes = {}
+    for name in names:
+        with Image.open(os.path.join(image_dir, name)) as image:
+            sizes.setdefault(image.size, name)
+    if len(sizes) > 1:
+        (size_a, name_a), (size_b, name_b) = list(sizes.items())[:2]
+        raise DatasetError(
+            f"photos of different sizes in {image_dir}: {name_a} is {size_a[0]}x{size_a[1]}, {name_b} is "
+            f"{size_b[0]}x{size_b[1]}; all photos share one camera, so take them with one camera and zoom, in one "
+            "orientation (or crop/resize them to one size first)"
+        )
+
+
+def is_jpeg(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
 
 
 def photo_size(path: str) -> Tuple[int, int]:
@@ -267,8 +326,7 @@ def crop_to_trainable_size(scene_dir: str) -> None:
         if photo is None:
             raise DatasetError(f"cannot read the undistorted photo {path}")
         if photo.shape[:2] != (height, width):
-            is_jpeg = os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
-            cv2.imwrite(path, photo[:height, :width], [cv2.IMWRITE_JPEG_QUALITY, 100] if is_jpeg else [])
+            cv2.imwrite(path, photo[:height, :width], JPEG_BEST if is_jpeg(path) else [])
 
 
 def undistortion_maps(distorted, pinhole):
@@ -313,6 +371,8 @@ def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):
     # a fresh database: re-running must not add a second copy of every photo's features
     shutil.rmtree(work_dir, ignore_errors=True)
     os.makedirs(os.path.join(work_dir, "sparse"))
+    image_dir = upright_photos(image_dir, names, work_dir)
+    check_one_size(image_dir, names)
     database_path = os.path.join(work_dir, "database.db")
     pycolmap.set_random_seed(options.seed)
     quiet = COLMAP_INFO if options.verbose else COLMAP_WARNING

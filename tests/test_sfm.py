@@ -11,13 +11,16 @@ import cv2
 import numpy as np
 import pytest
 import trimesh
+from PIL import Image
 
 pycolmap = pytest.importorskip("pycolmap", reason="pycolmap is not installed (pip install -r requirements.txt)")
 
 from process_data.colmap import ColmapDataset, load_colmap_scene, read_sparse_model  # noqa: E402
 from process_data.dtu import DatasetError, decompose_projection, load_neus_scene  # noqa: E402
 from process_data.gen_cameras import gen_cameras  # noqa: E402
-from process_data.imgs2poses import SfMOptions, extract_features, run_sfm, write_feature_masks  # noqa: E402
+from process_data.imgs2poses import (  # noqa: E402
+    SfMOptions, exif_orientation, extract_features, run_sfm, upright_photos, write_feature_masks,
+)
 from process_data.synthetic import camera_poses, make_demo_scene  # noqa: E402
 from utils.camera import aligned_pose_errors  # noqa: E402
 
@@ -271,6 +274,52 @@ def test_no_feature_masks_extracts_on_the_whole_photos(tmp_path):
         run_sfm(str(tmp_path), SfMOptions(num_threads=1, feature_masks=False))
     assert "--no_feature_masks" not in str(error.value)
     assert all((points[:, 0] < 100).any() for points in keypoints(database_path).values())
+
+
+def write_with_orientation(path, image: np.ndarray, orientation: int) -> None:
+    """A JPEG of `image` (BGR, stored as is) whose EXIF says how to turn it for viewing."""
+    photo = Image.fromarray(image[:, :, ::-1])
+    exif = photo.getexif()
+    exif[0x0112] = orientation
+    photo.save(path, exif=exif.tobytes(), quality=95)
+
+
+def test_photos_with_an_exif_rotation_are_reconstructed_upright(tmp_path):
+    """A phone's portrait photos are stored sideways with EXIF orientation 6 (turn 90 degrees
+    clockwise to view). COLMAP ignores the tag, so imgs2poses gives it upright copies: COLMAP's
+    camera is then portrait (150x200), as the photos look and as the user's masks are drawn."""
+    image_dir = tmp_path / "images"
+    os.makedirs(image_dir)
+    stored = noise_photos(3)  # [150, 200, 3]: landscape as stored
+    for i, image in enumerate(stored):
+        write_with_orientation(image_dir / f"photo_{i:02d}.jpg", image, 6)
+    names = sorted(os.listdir(image_dir))
+    upright_dir = upright_photos(str(image_dir), names, str(tmp_path / "colmap"))
+    assert upright_dir == str(tmp_path / "colmap" / "images_upright")
+    for name in names:
+        sideways = cv2.imread(str(image_dir / name), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        upright = cv2.imread(os.path.join(upright_dir, name), cv2.IMREAD_UNCHANGED)  # the pixels as stored
+        assert sideways.shape == (150, 200, 3) and upright.shape == (200, 150, 3)
+        assert np.abs(upright.astype(int) - np.rot90(sideways, k=-1).astype(int)).mean() < 1  # re-encoded at q100
+        assert exif_orientation(os.path.join(upright_dir, name)) == 1
+    extract_features(str(tmp_path / "upright.db"), upright_dir, names, SfMOptions(num_threads=1))
+    database = pycolmap.Database.open(str(tmp_path / "upright.db"))
+    try:
+        assert [(c.width, c.height) for c in database.read_all_cameras()] == [(150, 200)]
+    finally:
+        database.close()
+    plain_dir = tmp_path / "plain"
+    write_photos(plain_dir, stored, ext=".jpg")
+    assert upright_photos(str(plain_dir), sorted(os.listdir(plain_dir)), str(tmp_path / "unused")) == str(plain_dir)
+    assert not os.path.exists(tmp_path / "unused")
+
+
+def test_error_for_photos_of_different_sizes(tmp_path):
+    """One portrait photo among landscape ones (after turning upright) cannot share their camera."""
+    write_photos(tmp_path / "images", noise_photos(3), ext=".jpg")
+    write_with_orientation(tmp_path / "images" / "photo_01.jpg", noise_photos(1)[0], 6)
+    with pytest.raises(DatasetError, match=r"different sizes .* photo_00.jpg is 200x150, photo_01.jpg is 150x200"):
+        run_sfm(str(tmp_path), SfMOptions(num_threads=1))
 
 
 @pytest.mark.parametrize("mask,message", [
