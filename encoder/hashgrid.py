@@ -1,7 +1,7 @@
 """Multiresolution hash encoding (Instant-NGP) with tiny-cuda-nn's exact semantics.
 
-Level l has the grid scale  s_l = base_resolution * per_level_scale**l - 1  and resolution
-res_l = ceil(s_l) + 1. A point x in [0, 1]^3 sits at  p = s_l * x + 0.5  in grid units; its
+Level l has the grid scale  s_l = base_resolution * per_level_scale**l - 1  (in float32, as
+tcnn computes it: `grid_scale`) and resolution res_l = ceil(s_l) + 1. A point x in [0, 1]^3 sits at  p = s_l * x + 0.5  in grid units; its
 8 corners floor(p) + {0,1}^3 are looked up with trilinear weights. A level whose res_l**3
 cells fit in its table is indexed densely (x + y*res + z*res^2); finer levels use the hash
 x*1 ^ y*2654435761 ^ z*805459861 (uint32); both modulo the level's table size
@@ -15,7 +15,10 @@ flattened row-major, see `tcnn_params_from_table`; checkpoints hold the [T, F] t
 backends, so they move between them); `auto` takes tcnn only on CUDA when it imports. On top of either sits the progressive band mask (Neuralangelo /
 instant-nsr-pl): only the first `current_level` levels are active; the rest output zeros.
 """
+import ctypes
+import ctypes.util
 import math
+import struct
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Tuple
 
@@ -29,6 +32,35 @@ from utils.misc import choose_cuda_backend
 HASH_PRIMES = (1, 2654435761, 805459861)
 
 
+def _libm_float_function(name: str) -> Optional[Callable[[float], float]]:
+    """The C library's float32 function `name` (exp2f, log2f), or None where there is none."""
+    try:
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6"), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.restype, function.argtypes = ctypes.c_float, [ctypes.c_float]
+    return function
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+_EXP2F, _LOG2F = _libm_float_function("exp2f"), _libm_float_function("log2f")
+
+
+def grid_scale(level: int, base_resolution: int, per_level_scale: float) -> float:
+    """tiny-cuda-nn's  s_l = exp2f(l * log2f(per_level_scale)) * base_resolution - 1  in float32,
+    as its host code sizes the tables: with the C library's exp2f / log2f (what tcnn calls), or
+    float64 rounded to float32 where they are missing. Float64 maths would put some scales one
+    ulp above an integer that tcnn hits exactly (base 16 x 1.5^3 - 1 = 53), and so give that
+    level one more cell per side than tcnn."""
+    log2_scale = _float32(_LOG2F(per_level_scale) if _LOG2F else math.log2(_float32(per_level_scale)))
+    exponent = _float32(level * log2_scale)
+    growth = _float32(_EXP2F(exponent) if _EXP2F else 2.0**exponent)
+    return _float32(_float32(growth * base_resolution) - 1.0)
+
+
 def level_layout(
     n_levels: int, base_resolution: int, per_level_scale: float, log2_hashmap_size: int
 ) -> Tuple[list, list, list, list]:
@@ -36,7 +68,7 @@ def level_layout(
     scales, resolutions, sizes, dense = [], [], [], []
     max_size = 2**log2_hashmap_size
     for level in range(n_levels):
-        scale = base_resolution * 2.0 ** (level * math.log2(per_level_scale)) - 1.0
+        scale = grid_scale(level, base_resolution, per_level_scale)
         res = math.ceil(scale) + 1
         size = min(res**3, max_size)
         size = (size + 7) // 8 * 8
@@ -206,7 +238,8 @@ class _SpatialGradient(torch.autograd.Function):
     (autograd.grad w.r.t. x) never runs the table scatter, and the loss backward (w.r.t.
     parameters) never runs this node. The backward builds `_TableJacobianVectorProduct`,
     which is differentiable in the table, so the eikonal loss reaches the hash table.
-    Second derivatives in x are dropped, as tiny-cuda-nn does. The table comes wrapped in a
+    Second derivatives in x are dropped: x is no parameter, nothing needs them (tiny-cuda-nn
+    does compute them, so the backends differ only there). The table comes wrapped in a
     tuple so that autograd gives this node no edge to it (else a parameter backward would
     run it for nothing).
     """

@@ -86,8 +86,10 @@ class SDFNetwork(nn.Module):
         h = self.encoding(x01)  # [N, E]
         if self.config.include_xyz:
             h = torch.cat([x, h], dim=-1)
-        # float32 out of the MLP also under float16 autocast: the NeuS alpha needs a precise sdf
-        out = self.mlp(h).float()  # [N, 1 + feature_dim]
+        # float32 also under float16 autocast: fp16 steps of 2.4e-4 at |x| ~ 1 would be a third of
+        # the NeuS sigmoid's width (1 / inv_s) late in training; this MLP is small, so it costs little
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = self.mlp(h.float())  # [N, 1 + feature_dim]
         return out[:, 0], out[:, 1:]
 
     def sdf(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,8 @@ class SDFNetwork(nn.Module):
         if self.config.grad_type == "finite_difference":
             sdf, feature = self.forward(x)
             return sdf, feature, self._finite_difference_grad(x)
-        with torch.enable_grad():
+        # no autocast for the gradient either: autograd carries it into the backward's matmuls
+        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             x = x.detach().requires_grad_(True)
             sdf, feature = self.forward(x)
             (grad,) = torch.autograd.grad(sdf, x, torch.ones_like(sdf), create_graph=create_graph)

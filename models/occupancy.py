@@ -6,13 +6,16 @@ device (pure torch, it runs on CPU). Marching is nerfacc's CUDA `sampling` on CU
 t = near + k * step whose midpoint falls in an occupied cell, returned packed.
 """
 import importlib.util
+import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import nerfacc
 import torch
 from torch import nn
+from torch.utils.cpp_extension import is_ninja_available
 
 from models.rendering import visible_samples
 from utils.config import Configurable
@@ -42,8 +45,9 @@ def march_rays(
     aabb: torch.Tensor,
     step_size: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed-step samples [near + k step, near + (k+1) step] inside [near, far] whose midpoint
-    lies in an occupied cell of `binaries` (torch twin of nerfacc's traverse_grids, one level).
+    """Fixed-step samples [near + k step, near + (k+1) step] whose midpoint lies before far and
+    in an occupied cell of `binaries` (torch twin of nerfacc's traverse_grids, one level: the
+    last sample may end up to half a step beyond far, as there).
 
     rays_o, rays_d: [n_rays, 3]; t_near, t_far: [n_rays]; binaries: [res, res, res] bool over aabb [6]
     -> ray_indices [n_samples] int64 (sorted), t_starts [n_samples], t_ends [n_samples]
@@ -56,8 +60,8 @@ def march_rays(
         return torch.zeros(0, dtype=torch.long, device=device), empty, empty
     res = torch.tensor(binaries.shape, device=device)  # [3]
     t_starts = t_near[:, None] + step_size * torch.arange(n_steps, device=device)  # [n_rays, K]
-    inside = t_starts + step_size <= t_far[:, None]  # [n_rays, K]
-    t_mid = t_starts + 0.5 * step_size
+    t_mid = t_starts + 0.5 * step_size  # [n_rays, K]
+    inside = t_mid < t_far[:, None]  # [n_rays, K]
     cell = (rays_o[:, None, :] + t_mid[..., None] * rays_d[:, None, :] - aabb[:3]) / (aabb[3:] - aabb[:3])
     cell = (cell * res).long()  # [n_rays, K, 3]
     in_grid = ((cell >= 0) & (cell < res)).all(-1)  # [n_rays, K]
@@ -132,22 +136,17 @@ class OccupancyGrid(Configurable, nn.Module):
         if t_max is not None:
             t_far = torch.minimum(t_far, t_max)
         if self.backend == "nerfacc":
-            return self.estimator.sampling(
-                rays_o,
-                rays_d,
-                alpha_fn=alpha_fn,
-                t_min=t_near,
-                t_max=t_far,
-                render_step_size=step_size,
-                early_stop_eps=self.config.early_stop_eps,
-                alpha_thre=self.config.alpha_threshold,
-                stratified=stratified,
+            # traversal only: with an alpha_fn nerfacc would filter by its own rule (alpha_thre
+            # lowered to the grid's mean occupancy), so both backends filter below, alike
+            ray_indices, t_starts, t_ends = self.estimator.sampling(
+                rays_o, rays_d, t_min=t_near, t_max=t_far, render_step_size=step_size, stratified=stratified
             )
-        if stratified:
-            t_near = t_near + torch.rand_like(t_near) * step_size
-        ray_indices, t_starts, t_ends = march_rays(
-            rays_o, rays_d, t_near, t_far, self.binaries, self.aabb, step_size
-        )
+        else:
+            if stratified:
+                t_near = t_near + torch.rand_like(t_near) * step_size
+            ray_indices, t_starts, t_ends = march_rays(
+                rays_o, rays_d, t_near, t_far, self.binaries, self.aabb, step_size
+            )
         c = self.config
         if alpha_fn is not None and (c.early_stop_eps > 0 or c.alpha_threshold > 0) and ray_indices.numel() > 0:
             alphas = alpha_fn(t_starts, t_ends, ray_indices)  # [n_samples]
@@ -162,12 +161,31 @@ NERFACC_FIRST_USE = (
 )
 
 
-def nerfacc_cuda_error() -> Optional[str]:
-    """None when nerfacc's CUDA code is there (prebuilt wheel) or can be built (nvcc on PATH),
-    else why not. Looks only: importing nerfacc's backend would start the build."""
-    if importlib.util.find_spec("nerfacc.csrc") is not None or shutil.which("nvcc") is not None:
+def nvcc_cuda_version() -> Optional[str]:
+    """The CUDA version of the nvcc on PATH ("12.4"), or None when it does not say."""
+    try:
+        banner = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
         return None
-    return "no prebuilt nerfacc CUDA extension and no CUDA toolkit (nvcc) to build one"
+    match = re.search(r"release (\d+\.\d+)", banner)
+    return match.group(1) if match else None
+
+
+def nerfacc_cuda_error() -> Optional[str]:
+    """None when nerfacc's CUDA code is there (prebuilt wheel) or can be built here (nvcc on
+    PATH of torch's CUDA major version, and ninja, which torch's extension builder needs), else
+    why not. Looks only: importing nerfacc's backend would start the build."""
+    if importlib.util.find_spec("nerfacc.csrc") is not None:
+        return None
+    if shutil.which("nvcc") is None:
+        return "no prebuilt nerfacc CUDA extension and no CUDA toolkit (nvcc) to build one"
+    if not is_ninja_available():
+        return "nerfacc builds its CUDA code with ninja, which is not installed (pip install ninja)"
+    nvcc, torch_cuda = nvcc_cuda_version(), torch.version.cuda
+    if nvcc and torch_cuda and nvcc.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"the CUDA toolkit on PATH (nvcc {nvcc}) does not match torch's CUDA {torch_cuda}, so nerfacc's "
+                "CUDA code cannot be built against this torch")
+    return None
 
 
 def choose_occupancy_backend(requested: str, device: torch.device) -> str:

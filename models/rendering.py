@@ -121,11 +121,12 @@ def accumulate_along_rays(
 def visible_samples(
     alphas: torch.Tensor, ray_indices: torch.Tensor, n_rays: int, early_stop_eps: float, alpha_thre: float
 ) -> torch.Tensor:
-    """Samples worth rendering: transmittance above early_stop_eps and alpha above alpha_thre
-    (nerfacc's render_visibility_from_alpha). alphas, ray_indices: [n_samples] -> bool [n_samples]
+    """Samples worth rendering (nerfacc's render_visibility_from_alpha): transmittance
+    T_i >= early_stop_eps, and alpha_i >= alpha_thre when alpha_thre > 0 (a zero alpha is kept
+    otherwise: its gradient need not be zero). alphas, ray_indices: [n_samples] -> bool [n_samples]
     """
-    trans = exclusive_transmittance(alphas, ray_indices, n_rays)  # [n_samples]
-    return (trans > early_stop_eps) & (alphas > alpha_thre)
+    visible = exclusive_transmittance(alphas, ray_indices, n_rays) >= early_stop_eps  # [n_samples]
+    return visible & (alphas >= alpha_thre) if alpha_thre > 0 else visible
 
 
 def composite_background(rgb: torch.Tensor, opacity: torch.Tensor, background: torch.Tensor) -> torch.Tensor:

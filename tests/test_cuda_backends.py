@@ -29,6 +29,7 @@ from models.occupancy import (
     nerfacc_cuda_error,
     ray_aabb_intersect,
 )
+from models.network import ColorNetwork, SDFNetwork
 from models.rendering import NERFACC_OPS, TORCH_OPS, PackedOps, neus_alpha
 from systems.backends import choose_precision
 from tests.test_encoders import reference_encode, reference_layout
@@ -123,12 +124,14 @@ def points_away_from_cell_faces(levels, n: int, gen: torch.Generator, margin: fl
 
 @needs_tcnn
 def test_tcnn_hash_grid_matches_torch():
-    """Tolerance: tcnn forms p = s x + 0.5 with a float32 scale (exp2f) and one fused multiply-add,
-    torch with a float64 scale rounded to float32 and two roundings: p differs by a couple of ulp
-    (~6e-5 at the finest resolution, 274), i.e. trilinear weights by ~1e-4 relative; tcnn's
+    """Tolerance: tcnn's kernels form p = s x + 0.5 with the GPU's fast-math exp2f for s and one
+    fused multiply-add, torch with the host's float32 s (grid_scale) and two roundings: p differs by
+    a couple of ulp (~5e-5 at the finest resolution, 216), i.e. trilinear weights by ~1e-4 relative; tcnn's
     backward sums by float32 atomics in another order. So 1e-4 relative (of each tensor's largest
     magnitude), at points kept 1e-3 away from cell faces."""
-    sizes = dict(n_levels=8, n_features_per_level=2, log2_hashmap_size=14, base_resolution=16, per_level_scale=1.5)
+    # 1.45, not 1.5: 16 x 1.5^l - 1 is an integer (23, 35) at dense levels, and one ulp more from the
+    # GPU's fast-math exp2f would give tcnn's kernels another resolution than its host's tables
+    sizes = dict(n_levels=8, n_features_per_level=2, log2_hashmap_size=14, base_resolution=16, per_level_scale=1.45)
     torch_grid = HashGrid(full_band_config(**sizes), 3, "cuda").cuda()
     tcnn_grid = HashGrid(dataclasses.replace(full_band_config(**sizes), backend="tcnn"), 3, "cuda").cuda()
     assert tcnn_grid.backend == "tcnn" and not all(torch_grid.levels.dense)
@@ -461,6 +464,22 @@ def test_choices_on_a_cuda_device_follow_what_is_installed(monkeypatch):
     assert choose_precision("auto", torch.device("cpu")) == choose_precision("fp32", cuda) == "fp32"
 
 
+def test_nerfacc_availability_names_what_is_missing(monkeypatch):
+    """No prebuilt extension: building needs nvcc, ninja and nvcc of torch's CUDA major version."""
+    monkeypatch.setattr(models.occupancy.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(models.occupancy.shutil, "which", lambda name: None)
+    assert "no CUDA toolkit (nvcc)" in nerfacc_cuda_error()
+    monkeypatch.setattr(models.occupancy.shutil, "which", lambda name: "/usr/local/cuda/bin/nvcc")
+    monkeypatch.setattr(models.occupancy, "is_ninja_available", lambda: False)
+    assert "ninja, which is not installed (pip install ninja)" in nerfacc_cuda_error()
+    monkeypatch.setattr(models.occupancy, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(models.occupancy, "nvcc_cuda_version", lambda: "12.4")
+    monkeypatch.setattr(models.occupancy.torch.version, "cuda", "13.0")
+    assert "(nvcc 12.4) does not match torch's CUDA 13.0" in nerfacc_cuda_error()
+    monkeypatch.setattr(models.occupancy, "nvcc_cuda_version", lambda: "13.1")
+    assert nerfacc_cuda_error() is None
+
+
 # --- mixed precision --------------------------------------------------------------------------
 def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(scene, tmp_path):  # noqa: F811
     """The grad-scaler path of train_step, on CPU with an enabled CPU GradScaler: a step whose
@@ -483,6 +502,24 @@ def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(sc
     system.on_bad_step(stats)
     assert system.skipped_steps == 1
     assert system.train_step(system.global_step)["skipped"] == 0.0
+
+
+def test_the_sdf_mlp_stays_float32_under_autocast():
+    """CPU's bfloat16 autocast stands in for CUDA's float16: the SDF, its x-gradient and the
+    feature come out float32 and exactly as without autocast; the colour MLP does run in it."""
+    torch.manual_seed(0)
+    config = load_config(CPU_CONFIG, TINY).model
+    model = SDFNetwork(config.geometry, radius=1.0)
+    colour = ColorNetwork(config.texture, feature_dim=config.geometry.feature_dim)
+    x = torch.rand(64, 3) * 1.6 - 0.8  # [64, 3]
+    plain = model.forward_with_grad(x, create_graph=True)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = model.forward_with_grad(x, create_graph=True)
+        rgb = colour.mlp(torch.cat([mixed[1], torch.zeros(64, colour.dir_encoding.n_output_dims), mixed[2]], dim=-1))
+    for a, b in zip(mixed, plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert rgb.dtype == torch.bfloat16
 
 
 @needs_cuda

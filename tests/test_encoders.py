@@ -1,5 +1,6 @@
 import itertools
 import math
+import struct
 
 import pytest
 import torch
@@ -13,11 +14,17 @@ from encoder.spherical import SphericalHarmonics, spherical_harmonics
 PRIMES = (1, 2654435761, 805459861)
 
 
+def f32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def reference_layout(n_levels, base_resolution, per_level_scale, log2_hashmap_size):
-    """Per level (scale, resolution, table size, dense), written straight from tcnn's rules."""
+    """Per level (scale, resolution, table size, dense), written straight from tcnn's rules:
+    s = exp2f(l * log2f(pls)) * base - 1, every operation rounded to float32."""
     levels = []
     for level in range(n_levels):
-        scale = base_resolution * per_level_scale**level - 1.0
+        growth = f32(2.0 ** f32(level * f32(math.log2(f32(per_level_scale)))))
+        scale = f32(f32(growth * base_resolution) - 1.0)
         res = math.ceil(scale) + 1
         size = min(res**3, 2**log2_hashmap_size)
         size = ((size + 7) // 8) * 8
@@ -98,6 +105,23 @@ def test_level_layout_hand_worked_fractional_scale():
     assert dense == [True, True, True]
 
 
+def test_level_layout_hand_worked_exact_integer_scale():
+    """base 16, scale 1.5: s = 15, 23, 35, 53 exactly in float32 (16 x 1.5^3 - 1), so res 54 and a
+    dense 54^3 = 157464-row level, as tcnn sizes it; float64 maths gives 53.00000000000001 -> 55."""
+    scales, resolutions, sizes, dense = level_layout(4, 16, 1.5, 19)
+    assert scales == [15.0, 23.0, 35.0, 53.0]
+    assert resolutions == [16, 24, 36, 54]
+    assert sizes == [4096, 13824, 46656, 157464]
+    assert dense == [True, True, True, True]
+
+
+@pytest.mark.parametrize("args", [(16, 32, 1.3195079107728942, 19), (16, 16, 1.5, 19), (16, 16, 1.447269237440378, 19),
+                                  (12, 16, 1.4587, 17), (10, 16, 1.5, 16)])
+def test_level_layout_agrees_with_the_reference_rules(args):
+    scales, resolutions, sizes, dense = level_layout(*args)
+    assert [(s, r, z, d) for s, r, z, d in zip(scales, resolutions, sizes, dense)] == reference_layout(*args)
+
+
 def test_level_layout_matches_reference_rules():
     """The module's layout agrees with the reference for a GPU-sized config."""
     args = (16, 32, 1.3195079107728942, 19)
@@ -107,7 +131,8 @@ def test_level_layout_matches_reference_rules():
     assert resolutions == [r for _, r, _, _ in reference]
     assert sizes == [s for _, _, s, _ in reference]
     assert dense == [d for *_, d in reference]
-    assert resolutions[:5] == [32, 43, 56, 74, 98] and resolutions[-1] == 2048
+    # float32: s_5 = 127.00002 (not 127), so res 129; likewise 513 and 2049 at levels 10 and 15
+    assert resolutions[:6] == [32, 43, 56, 74, 98, 129] and resolutions[-1] == 2049
     assert dense.count(True) == 4  # 32^3, 43^3, 56^3, 74^3 <= 2^19 < 98^3
     assert sizes[1] == 79512  # 43^3 = 79507 rounded up to a multiple of 8
 

@@ -149,14 +149,19 @@ def test_neus_alpha_head_on_equals_closed_form_for_any_anneal():
 
 
 def test_visible_samples_drops_samples_behind_the_surface():
-    """eps 0.2: ray 0 alphas [0.5, 0, 0.5, 0.5, 0.5] -> T [1, .5, .5, .25, .125]: keep 0, 2, 3
-    (1 has alpha 0, 4 has T < eps); ray 1 [0.9, 0.9] -> T [1, 0.1]: keep only the first."""
+    """eps 0.2: ray 0 alphas [0.5, 0, 0.5, 0.5, 0.5] -> T [1, .5, .5, .25, .125]: keep 0-3 (4 has
+    T < eps; 1's zero alpha is kept while alpha_thre is 0, as nerfacc does); ray 1 [0.9, 0.9] ->
+    T [1, 0.1]: keep only the first. alpha_thre 0.5 keeps alpha >= 0.5 (so drops 1), 0.6 only 5."""
     alphas = torch.tensor([0.5, 0.0, 0.5, 0.5, 0.5, 0.9, 0.9])
     ray_indices = torch.tensor([0, 0, 0, 0, 0, 1, 1])
     keep = visible_samples(alphas, ray_indices, 2, early_stop_eps=0.2, alpha_thre=0.0)
+    assert keep.tolist() == [True, True, True, True, False, True, False]
+    keep = visible_samples(alphas, ray_indices, 2, early_stop_eps=0.2, alpha_thre=0.5)
     assert keep.tolist() == [True, False, True, True, False, True, False]
     keep = visible_samples(alphas, ray_indices, 2, early_stop_eps=0.2, alpha_thre=0.6)
     assert keep.tolist() == [False, False, False, False, False, True, False]
+    keep = visible_samples(alphas, ray_indices, 2, early_stop_eps=0.25, alpha_thre=0.0)  # T = eps is kept
+    assert keep.tolist() == [True, True, True, True, False, True, False]
 
 
 # --- occupancy: ray / box and marching ------------------------------------------------------
@@ -190,14 +195,15 @@ def test_ray_aabb_intersect_hand_cases():
 
 
 def reference_march(rays_o, rays_d, t_near, t_far, binaries, aabb, step):
-    """Loop over rays and steps: keep [t, t + step] inside [near, far] whose midpoint's cell is set."""
+    """Loop over rays and steps (nerfacc's rule): keep [t, t + step], t = near + k step, whose
+    midpoint is before far and in a set cell."""
     res = binaries.shape[0]
     out = []
     for r in range(rays_o.shape[0]):
         o, d = rays_o[r].tolist(), rays_d[r].tolist()
         near, far = t_near[r].item(), t_far[r].item()
         k = 0
-        while near + step * k + step <= far:
+        while near + step * k + 0.5 * step < far:
             t0 = near + step * k
             mid = t0 + 0.5 * step
             cell = [
@@ -228,6 +234,21 @@ def test_march_rays_matches_brute_force_on_random_grid():
     assert ray_indices.tolist() == [r for r, _, _ in expected]
     torch.testing.assert_close(t_starts, torch.tensor([t for _, t, _ in expected], dtype=torch.float64))
     torch.testing.assert_close(t_ends, torch.tensor([t for _, _, t in expected], dtype=torch.float64))
+
+
+def test_march_rays_keeps_a_last_sample_whose_midpoint_is_before_far():
+    """All cells set; along +x from x = -3 the box starts at t = 2. far = 2.26 (inside the box,
+    e.g. the foreground sphere's exit), step 0.1: midpoints 2.05, 2.15, 2.25 < 2.26 -> 3 samples,
+    the last ending at 2.3, beyond far (nerfacc's rule); far = 2.25 -> 2 samples."""
+    binaries = torch.ones(4, 4, 4, dtype=torch.bool)
+    rays_o = torch.tensor([[-3.0, 0.1, 0.2], [-3.0, 0.1, 0.2]], dtype=torch.float64)
+    rays_d = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    near = torch.tensor([2.0, 2.0], dtype=torch.float64)
+    far = torch.tensor([2.26, 2.25], dtype=torch.float64)
+    ray_indices, t_starts, t_ends = march_rays(rays_o, rays_d, near, far, binaries, BOX, 0.1)
+    assert ray_indices.tolist() == [0, 0, 0, 1, 1]
+    torch.testing.assert_close(t_starts, torch.tensor([2.0, 2.1, 2.2, 2.0, 2.1], dtype=torch.float64))
+    torch.testing.assert_close(t_ends[2], torch.tensor(2.3, dtype=torch.float64))
 
 
 def test_march_rays_one_occupied_cell():
