@@ -147,9 +147,9 @@ def run_command(argv=None) -> int:
     try:
         if args.train:
             system.fit()
-        elif args.test and dist.is_main():  # renders and meshes come from rank 0 alone
+        elif args.test:  # every rank renders its share of the views, rank 0 writes
             system.test()
-        elif dist.is_main():
+        else:
             system.export_mesh()
     except TrainingInterrupted as e:
         launcher = ["python"] if dist.world_size() == 1 else ["torchrun", f"--nproc_per_node={dist.world_size()}"]

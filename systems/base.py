@@ -134,13 +134,14 @@ class BaseSystem(Configurable):
     def train_step(self, step: int) -> Dict[str, float]:
         raise NotImplementedError
 
+    # validate, test and export_mesh run on every rank (each renders a share); rank 0 writes
     def validate(self) -> Dict[str, float]:
         raise NotImplementedError
 
     def test(self) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def export_mesh(self) -> str:
+    def export_mesh(self) -> List[str]:
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
@@ -185,7 +186,7 @@ class BaseSystem(Configurable):
                 signal.signal(signum, handler)
         if dist.broadcast_object(not os.path.exists(self.checkpoint_path(self.global_step))):
             self.save()
-        if cfg.test_at_end and dist.is_main():  # renders and the mesh come from rank 0 alone
+        if cfg.test_at_end:
             self.test()
 
     def _train_loop(self) -> None:
@@ -213,9 +214,7 @@ class BaseSystem(Configurable):
                 self.log_scalars(window)
                 window = []
             if cfg.val_every > 0 and self.global_step % cfg.val_every == 0:
-                if dist.is_main():
-                    self.validate()
-                dist.barrier()
+                self.validate()  # every rank renders its share; rank 0 writes
             if cfg.ckpt_every > 0 and self.global_step % cfg.ckpt_every == 0:
                 self.save()
             stop_signal = self.agreed_stop_signal()

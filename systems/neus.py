@@ -3,7 +3,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import imageio.v2 as imageio
 import numpy as np
@@ -21,11 +21,17 @@ from systems.optim import (
 )
 from systems.registry import SYSTEMS
 from utils.mesh import (
-    extract_surface,
+    COARSE_RESOLUTION,
+    cube_bounds,
     faces_inside_masks,
+    fine_bounds,
+    grid_shape,
     largest_component,
+    marching_cubes,
+    no_surface,
     remove_unused_vertices,
     save_mesh,
+    sdf_on_grid,
     to_world,
 )
 from utils import distributed as dist
@@ -147,11 +153,15 @@ class NeuSSystem(BaseSystem):
         self.train_num_rays = int(min(max(wanted, 64), cfg.max_train_num_rays))
 
     # --- evaluation ---------------------------------------------------------------------
+    # Under torchrun every rank renders: the test views and the orbit frames are shared out in
+    # turns (rank r takes r, r + N, ...), a validation view and the SDF grids by rows; rank 0
+    # gathers the results and alone writes images, TensorBoard, metrics.json and the mesh. No
+    # rank waits in a collective while another renders a whole test set or meshes alone.
     @torch.no_grad()
-    def render_image(self, rays: Dict[str, torch.Tensor], height: int, width: int) -> Dict[str, torch.Tensor]:
-        """Render H*W rays in chunks of eval_chunk_rays -> rgb [H, W, 3], opacity [H, W]
-        (foreground), depth [H, W], normal [H, W, 3], rgb_foreground [H, W, 3] (over black) and,
-        with a background model, rgb_background [H, W, 3]."""
+    def render_rays(self, rays: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Render N rays in chunks of eval_chunk_rays -> rgb [N, 3], opacity [N] (foreground),
+        depth [N], normal [N, 3], rgb_foreground [N, 3] (over black) and, with a background
+        model, rgb_background [N, 3]."""
         self.model.eval()
 
         def render(start: int, stop: int) -> Dict[str, torch.Tensor]:
@@ -162,16 +172,40 @@ class NeuSSystem(BaseSystem):
             return {k: out[k] for k in keys if k in out}
 
         parts, self.eval_chunk_rays = map_in_chunks(render, rays["rays_o"].shape[0], self.eval_chunk_rays, "rendering")
-        return {k: torch.cat([p[k] for p in parts]).view(height, width, -1).squeeze(-1) for k in parts[0]}
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def render_image(self, rays: Dict[str, torch.Tensor], height: int, width: int) -> Dict[str, torch.Tensor]:
+        """Render H*W rays (row-major pixels) -> render_rays' outputs as images [H, W, ...]."""
+        return as_images(self.render_rays(rays), height, width)
+
+    def render_image_on_ranks(
+        self, rays: Dict[str, torch.Tensor], height: int, width: int
+    ) -> Optional[Dict[str, torch.Tensor]]:
+        """render_image with the rays shared out over the ranks (rank_slice) -> the images on
+        rank 0 (None elsewhere)."""
+        n = height * width
+        mine = self.render_rays({k: v[dist.rank_slice(n)] for k, v in rays.items()})
+        gathered = {k: dist.gather_rows(v, n) for k, v in mine.items()}
+        return as_images(gathered, height, width) if dist.is_main() else None
 
     def render_view(self, index: int) -> Dict[str, torch.Tensor]:
         """Render view `index` -> render_image's images plus gt_rgb [H, W, 3], mask [H, W]."""
         rays = self.dataset.view_rays(index)
+        return self.with_ground_truth(self.render_image(rays, self.dataset.height, self.dataset.width), rays)
+
+    def render_view_on_ranks(self, index: int) -> Optional[Dict[str, torch.Tensor]]:
+        """render_view with the view's rays shared out over the ranks -> the images on rank 0
+        (None elsewhere)."""
+        rays = self.dataset.view_rays(index)
+        images = self.render_image_on_ranks(rays, self.dataset.height, self.dataset.width)
+        return self.with_ground_truth(images, rays) if dist.is_main() else None
+
+    def with_ground_truth(
+        self, images: Dict[str, torch.Tensor], rays: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """images plus the view's gt_rgb [H, W, 3] and mask [H, W] (from its rays)."""
         h, w = self.dataset.height, self.dataset.width
-        images = self.render_image(rays, h, w)
-        images["gt_rgb"] = rays["rgb"].view(h, w, 3)
-        images["mask"] = rays["mask"].view(h, w)
-        return images
+        return {**images, "gt_rgb": rays["rgb"].view(h, w, 3), "mask": rays["mask"].view(h, w)}
 
     def validation_view(self) -> int:
         views = self.dataset.split["test"] or self.dataset.split["train"]
@@ -180,11 +214,26 @@ class NeuSSystem(BaseSystem):
         return view
 
     def validate(self) -> Dict[str, float]:
+        """Render the next validation view (every rank its share of the rays) -> its metrics;
+        rank 0 writes the panels and TensorBoard ({} elsewhere)."""
         view = self.validation_view()
-        images = self.render_view(view)
+        images = self.render_view_on_ranks(view)
+        if not dist.is_main():
+            return {}
         metrics = {"psnr": psnr(images["rgb"], images["gt_rgb"])}
         if self.dataset.has_masks:
             metrics["psnr_masked"] = psnr(images["rgb"], images["gt_rgb"], images["mask"])
+        self.write_validation_panels(view, images)
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"val/{key}", value, self.global_step)
+        log.info("validation at step %d, view %d: %s", self.global_step, view,
+                 " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        return metrics
+
+    def write_validation_panels(self, view: int, images: Dict[str, torch.Tensor]) -> None:
+        """RGB | ground truth | normals | depth (and foreground | background | opacity with a
+        background model) to save/it<step>-val/ and TensorBoard."""
+        out_dir = os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-val")
         panel = np.concatenate(
             [
                 images["rgb"].cpu().numpy(),
@@ -194,7 +243,7 @@ class NeuSSystem(BaseSystem):
             ],
             axis=1,
         )
-        save_image(os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-val", f"{view:06d}.png"), panel)
+        save_image(os.path.join(out_dir, f"{view:06d}.png"), panel)
         self.writer.add_image("val/rgb_gt_normal_depth", panel.clip(0, 1), self.global_step, dataformats="HWC")
         self.writer.add_image("val/opacity", images["opacity"].clamp(0, 1).cpu().numpy(), self.global_step,
                               dataformats="HW")
@@ -207,30 +256,28 @@ class NeuSSystem(BaseSystem):
                 ],
                 axis=1,
             )
-            save_image(os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-val",
-                                    f"{view:06d}-foreground-background-opacity.png"), layers)
+            save_image(os.path.join(out_dir, f"{view:06d}-foreground-background-opacity.png"), layers)
             self.writer.add_image("val/foreground_background_opacity", layers.clip(0, 1), self.global_step,
                                   dataformats="HWC")
-        for key, value in metrics.items():
-            self.writer.add_scalar(f"val/{key}", value, self.global_step)
-        log.info("validation at step %d, view %d: %s", self.global_step, view,
-                 " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        return metrics
 
     def test(self) -> Dict[str, Any]:
         """Held-out views (PSNR/SSIM, whole image and inside the mask), an orbit video and the
-        mesh (with Chamfer/F-score when the scene has a ground-truth mesh) -> metrics.json."""
+        mesh (with Chamfer/F-score when the scene has a ground-truth mesh) -> metrics.json and
+        the metrics (rank 0; {} elsewhere). Every rank must call it."""
         out_dir = os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-test")
         views = self.dataset.split["test"] or self.dataset.split["train"][::8]
         per_view = {}
-        for view in tqdm(views, desc="test views", leave=False):
-            images = self.render_view(view)
-            save_image(os.path.join(out_dir, f"{view:06d}.png"), images["rgb"].cpu().numpy())
-            per_view[f"{view:06d}"] = image_metrics(images, self.dataset.has_masks)
-        mean = {k: float(np.mean([m[k] for m in per_view.values()])) for k in next(iter(per_view.values()))}
-        metrics = {"step": self.global_step, "views": per_view, "mean": mean}
-        metrics["video"] = self.render_orbit(out_dir)
+        turns = dist.map_in_turns(self.test_view, views)
+        for view, (rgb, view_metrics) in tqdm(turns, total=len(views), desc="test views", leave=False,
+                                              disable=not dist.is_main()):
+            save_image(os.path.join(out_dir, f"{view:06d}.png"), rgb)
+            per_view[f"{view:06d}"] = view_metrics
+        video = self.render_orbit(out_dir)
         mesh_paths = self.export_mesh()
+        if not dist.is_main():
+            return {}
+        mean = {k: float(np.mean([m[k] for m in per_view.values()])) for k in next(iter(per_view.values()))}
+        metrics = {"step": self.global_step, "views": per_view, "mean": mean, "video": video}
         metrics["mesh"] = {"path": mesh_paths[0], **self.mesh_metrics(mesh_paths[0])}
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
@@ -240,27 +287,38 @@ class NeuSSystem(BaseSystem):
                  " ".join(f"{k} {v:.3f}" for k, v in mean.items()))
         return metrics
 
-    def render_orbit(self, out_dir: str) -> str:
+    def test_view(self, view: int) -> Tuple[np.ndarray, Dict[str, float]]:
+        """Render held-out view `view` -> its RGB [H, W, 3] (on the CPU, to travel to rank 0)
+        and its image_metrics."""
+        images = self.render_view(view)
+        return images["rgb"].cpu().numpy(), image_metrics(images, self.dataset.has_masks)
+
+    def render_orbit(self, out_dir: str) -> Optional[str]:
         """n_test_traj_steps frames on a circle fitted to the cameras, RGB | normals, as PNGs
-        and an mp4 at 30 fps -> the video's path."""
-        cfg = self.trainer_config
-        scale = cfg.test_traj_downscale
-        width, height = int(self.dataset.width / scale) // 2 * 2, int(self.dataset.height / scale) // 2 * 2
-        intrinsics = torch.from_numpy((downscale_matrix(scale) @ self.dataset.views.intrinsics[0]).astype(np.float32))
-        poses = torch.from_numpy(orbit_poses(self.dataset.views.c2w, cfg.n_test_traj_steps).astype(np.float32))
+        and an mp4 at 30 fps -> the video's path (rank 0; None elsewhere)."""
+        poses = torch.from_numpy(orbit_poses(self.dataset.views.c2w, self.trainer_config.n_test_traj_steps)
+                                 .astype(np.float32))  # [n, 3, 4]
         frames = []
-        for i, c2w in enumerate(tqdm(poses, desc="orbit video", leave=False)):
-            rays = self.dataset.pose_rays(c2w.to(self.device), intrinsics.to(self.device), width, height)
-            images = self.render_image(rays, height, width)
-            frame = np.concatenate(
-                [images["rgb"].cpu().numpy(), normal_image(images["normal"], images["opacity"])], axis=1
-            )
+        turns = dist.map_in_turns(lambda i: self.orbit_frame(poses[i]), range(len(poses)))
+        for i, frame in tqdm(turns, total=len(poses), desc="orbit video", leave=False, disable=not dist.is_main()):
             save_image(os.path.join(out_dir, f"traj-{i:04d}.png"), frame)
             frames.append(to_uint8(frame))
+        if not dist.is_main():
+            return None
         path = os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-test.mp4")
         imageio.mimwrite(path, frames, fps=30, quality=8, macro_block_size=2)
         log.info("orbit video: %s", path)
         return path
+
+    def orbit_frame(self, c2w: torch.Tensor) -> np.ndarray:
+        """The orbit camera c2w [3, 4] at 1/test_traj_downscale of the image size (even sides,
+        for the video encoder) -> RGB | normals [h, 2w, 3] (on the CPU)."""
+        scale = self.trainer_config.test_traj_downscale
+        width, height = int(self.dataset.width / scale) // 2 * 2, int(self.dataset.height / scale) // 2 * 2
+        intrinsics = torch.from_numpy((downscale_matrix(scale) @ self.dataset.views.intrinsics[0]).astype(np.float32))
+        rays = self.dataset.pose_rays(c2w.to(self.device), intrinsics.to(self.device), width, height)
+        images = self.render_image(rays, height, width)
+        return np.concatenate([images["rgb"].cpu().numpy(), normal_image(images["normal"], images["opacity"])], axis=1)
 
     def mesh_metrics(self, mesh_path: str) -> Dict[str, float]:
         """Chamfer / F-score against the scene's ground-truth mesh, if it has one (world units)."""
@@ -280,13 +338,12 @@ class NeuSSystem(BaseSystem):
 
     def export_mesh(self) -> List[str]:
         """Marching cubes on the SDF -> coloured mesh in the dataset's world frame, written to
-        save/it<step>-mc<res>.<fmt>."""
+        save/it<step>-mc<res>.<fmt> -> the paths (rank 0; [] elsewhere). Every rank must call it."""
         cfg = self.full_config.export
-        self.model.eval()
-        vertices, faces = extract_surface(
-            self.model.mesh_sdf, self.model.config.radius, cfg.mesh_resolution, cfg.mesh_threshold,
-            cfg.mesh_chunk, self.device,
-        )
+        surface = self.surface()
+        if not dist.is_main():
+            return []
+        vertices, faces = surface
         if cfg.largest_component:
             faces = largest_component(faces)
         vertices, faces = remove_unused_vertices(vertices, faces)
@@ -301,6 +358,32 @@ class NeuSSystem(BaseSystem):
         paths = save_mesh(stem, vertices_world, faces, colors, list(cfg.formats))
         log.info("mesh: %d vertices, %d faces -> %s", len(vertices_world), len(faces), ", ".join(paths))
         return paths
+
+    def surface(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """utils.mesh.extract_surface's coarse-then-fine marching cubes, each SDF grid's x-planes
+        shared out over the ranks and marching cubes on rank 0 -> vertices [V, 3], faces [F, 3]
+        in the normalised frame (rank 0; None elsewhere)."""
+        cfg = self.full_config.export
+        radius = self.model.config.radius
+        self.model.eval()
+        coarse, voxel = self.sdf_grid(cube_bounds(radius), min(COARSE_RESOLUTION, cfg.mesh_resolution))
+        # rank 0 alone holds the coarse grid: the others take its box, so all evaluate one grid
+        bounds = fine_bounds(coarse, voxel, cfg.mesh_threshold, radius) if dist.is_main() else None
+        bounds = dist.broadcast_object(bounds)
+        if bounds is None:
+            return no_surface() if dist.is_main() else None
+        values, voxel = self.sdf_grid(bounds, cfg.mesh_resolution)
+        return marching_cubes(values, bounds[0], voxel, cfg.mesh_threshold) if dist.is_main() else None
+
+    def sdf_grid(self, bounds: np.ndarray, resolution: int) -> Tuple[Optional[np.ndarray], np.ndarray]:
+        """utils.mesh.sdf_on_grid, this rank evaluating its rank_slice of the x-planes -> the
+        whole grid [nx, ny, nz] on rank 0 (None elsewhere), and the voxel size [3]."""
+        n_planes = grid_shape(bounds, resolution)[0][0]
+        cfg = self.full_config.export
+        mine, voxel = sdf_on_grid(self.model.mesh_sdf, bounds, resolution, cfg.mesh_chunk, self.device,
+                                  dist.rank_slice(n_planes))  # [planes of this rank, ny, nz]
+        values = dist.gather_rows(torch.from_numpy(mine), n_planes)
+        return (values.numpy() if values is not None else None), voxel
 
     # --- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -324,3 +407,8 @@ def image_metrics(images: Dict[str, torch.Tensor], has_masks: bool) -> Dict[str,
         metrics["psnr_masked"] = psnr(images["rgb"], images["gt_rgb"], images["mask"])
         metrics["ssim_masked"] = ssim(images["rgb"], images["gt_rgb"], images["mask"])
     return metrics
+
+
+def as_images(rendered: Dict[str, torch.Tensor], height: int, width: int) -> Dict[str, torch.Tensor]:
+    """Per-ray outputs [H*W, ...] in row-major pixel order -> images [H, W] or [H, W, C]."""
+    return {k: v.view(height, width, -1).squeeze(-1) for k, v in rendered.items()}

@@ -5,13 +5,18 @@ LOCAL_RANK, MASTER_ADDR/PORT set by its rendezvous); a plain `python run.py` nev
 torch.distributed, and every helper here is then the identity (or a no-op).
 
 Backend: NCCL when the run's device is CUDA (each rank takes the GPU its LOCAL_RANK names),
-gloo otherwise (CPU).
+gloo otherwise (CPU). Rendering is shared out with map_in_turns (whole views, in turns) and
+gather_rows (a view's rays, a grid's planes), so that no rank waits in a collective while
+another renders alone.
 """
 import os
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class DistributedError(RuntimeError):
@@ -150,7 +155,40 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return seed + 1_000_003 * rank + step
 
 
+def share_of(n: int, r: int, world: int) -> slice:
+    """Rank r's share of n items among `world` ranks (contiguous, sizes differing by at
+    most one)."""
+    return slice(r * n // world, (r + 1) * n // world)
+
+
 def rank_slice(n: int) -> slice:
-    """This rank's share of n items (contiguous, sizes differing by at most one)."""
-    r, w = rank(), world_size()
-    return slice(r * n // w, (r + 1) * n // w)
+    """This rank's share of n items."""
+    return share_of(n, rank(), world_size())
+
+
+def gather_rows(rows: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """Each rank's rank_slice(n) rows [share, ...] -> on rank 0 all n rows [n, ...] in order,
+    on rows' device (None elsewhere). One tensor gather: the shares are padded to the largest."""
+    if not is_initialized():
+        return rows
+    padded = torch.zeros((-(-n // world_size()), *rows.shape[1:]), dtype=rows.dtype, device=comm_device())
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world_size())] if is_main() else None
+    dist.gather(padded, gathered, dst=0)
+    if not is_main():
+        return None
+    shares = [share_of(n, r, world_size()) for r in range(world_size())]
+    return torch.cat([part[: s.stop - s.start] for part, s in zip(gathered, shares)]).to(rows.device)
+
+
+def map_in_turns(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[Tuple[T, R]]:
+    """fn over items shared out in turns: item i runs on rank i % world_size, one item per rank
+    per round, and each round's results are gathered to rank 0 -> on rank 0 every (item, result)
+    in item order, as its round completes; on the other ranks nothing, though they must run
+    through the iterator all the same (each round ends in a collective). Results travel pickled:
+    return CPU data (a CUDA tensor would arrive on the sender's GPU index)."""
+    for start in range(0, len(items), world_size()):
+        turn = items[start : start + world_size()]
+        results = gather_objects(fn(turn[rank()]) if rank() < len(turn) else None)
+        if is_main():
+            yield from zip(turn, results)

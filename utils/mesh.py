@@ -13,6 +13,15 @@ from utils.camera import downscale_matrix, project
 from utils.misc import map_in_chunks
 
 log = logging.getLogger(__name__)
+COARSE_RESOLUTION = 128  # the first marching-cubes pass, over the whole cube, that finds the surface's box
+
+
+def grid_shape(bounds: np.ndarray, resolution: int) -> Tuple[np.ndarray, float]:
+    """A regular grid over bounds [2, 3] (min, max) with `resolution` points on the longest side
+    and cubic voxels -> points per axis [3], voxel size"""
+    extent = bounds[1] - bounds[0]
+    voxel = extent.max() / (resolution - 1)
+    return np.maximum(np.ceil(extent / voxel).astype(int) + 1, 2), voxel
 
 
 @torch.no_grad()
@@ -22,17 +31,17 @@ def sdf_on_grid(
     resolution: int,
     chunk: int,
     device,
+    x_planes: slice = slice(None),
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """SDF sampled on a regular grid over bounds [2, 3] (min, max) with `resolution` points on
-    the longest side and cubic voxels -> values [nx, ny, nz], voxel size [3]"""
-    extent = bounds[1] - bounds[0]
-    voxel = extent.max() / (resolution - 1)
-    counts = np.maximum(np.ceil(extent / voxel).astype(int) + 1, 2)
+    """SDF sampled on grid_shape's grid over bounds, on its x-planes `x_planes` (all of them,
+    or one process's share) -> values [len(x_planes), ny, nz], voxel size [3]"""
+    counts, voxel = grid_shape(bounds, resolution)
     axes = [torch.linspace(0, (n - 1) * voxel, n, device=device) + float(lo) for n, lo in zip(counts, bounds[0])]
-    values = np.empty(counts, dtype=np.float32)
-    # one x-slab of the grid at a time keeps memory at chunk points
+    xs = axes[0][x_planes]
+    values = np.empty((len(xs), counts[1], counts[2]), dtype=np.float32)
+    # one x-plane of the grid at a time keeps memory at chunk points
     yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), dim=-1).reshape(-1, 2)  # [ny*nz, 2]
-    for i, x in enumerate(axes[0]):
+    for i, x in enumerate(xs):
         pts = torch.cat([torch.full_like(yz[:, :1], float(x)), yz], dim=-1)  # [ny*nz, 3]
         parts, chunk = map_in_chunks(lambda a, b: sdf_fn(pts[a:b]), pts.shape[0], chunk, "evaluating the SDF grid")
         values[i] = torch.cat(parts).view(counts[1], counts[2]).float().cpu().numpy()
@@ -46,6 +55,26 @@ def marching_cubes(values: np.ndarray, origin: np.ndarray, voxel: np.ndarray, le
     return vertices * voxel + origin, faces.astype(np.int64)
 
 
+def cube_bounds(radius: float) -> np.ndarray:
+    """[-radius, radius]^3 as bounds [2, 3]"""
+    return np.array([[-radius] * 3, [radius] * 3], dtype=np.float64)
+
+
+def fine_bounds(coarse: np.ndarray, voxel: np.ndarray, level: float, radius: float) -> Optional[np.ndarray]:
+    """Where the fine pass goes: the bounding box of the surface in the coarse grid over
+    cube_bounds(radius), plus two coarse voxels, inside that cube -> bounds [2, 3] (None
+    when the coarse grid holds no surface)"""
+    vertices, _ = marching_cubes(coarse, cube_bounds(radius)[0], voxel, level)
+    if len(vertices) == 0:
+        return None
+    return np.clip(np.stack([vertices.min(0) - 2 * voxel, vertices.max(0) + 2 * voxel]), -radius, radius)
+
+
+def no_surface() -> Tuple[np.ndarray, np.ndarray]:
+    """vertices [0, 3], faces [0, 3]"""
+    return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+
+
 def extract_surface(
     sdf_fn: Callable[[torch.Tensor], torch.Tensor],
     radius: float,
@@ -53,19 +82,16 @@ def extract_surface(
     level: float,
     chunk: int,
     device,
-    coarse_resolution: int = 128,
+    coarse_resolution: int = COARSE_RESOLUTION,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Coarse marching cubes over [-radius, radius]^3, then a fine pass at `resolution` over
     the coarse surface's bounding box (plus two coarse voxels). Normalised frame."""
-    box = np.array([[-radius] * 3, [radius] * 3], dtype=np.float64)
-    values, voxel = sdf_on_grid(sdf_fn, box, min(coarse_resolution, resolution), chunk, device)
-    vertices, _ = marching_cubes(values, box[0], voxel, level)
-    if len(vertices) == 0:
-        return vertices, np.zeros((0, 3), dtype=np.int64)
-    fine_box = np.stack([vertices.min(0) - 2 * voxel, vertices.max(0) + 2 * voxel])
-    fine_box = np.clip(fine_box, -radius, radius)
-    values, voxel = sdf_on_grid(sdf_fn, fine_box, resolution, chunk, device)
-    return marching_cubes(values, fine_box[0], voxel, level)
+    coarse, voxel = sdf_on_grid(sdf_fn, cube_bounds(radius), min(coarse_resolution, resolution), chunk, device)
+    bounds = fine_bounds(coarse, voxel, level, radius)
+    if bounds is None:
+        return no_surface()
+    values, voxel = sdf_on_grid(sdf_fn, bounds, resolution, chunk, device)
+    return marching_cubes(values, bounds[0], voxel, level)
 
 
 def largest_component(faces: np.ndarray) -> np.ndarray:
