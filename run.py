@@ -64,7 +64,11 @@ def main(argv=None) -> int:
     from utils import distributed as dist
 
     try:
-        return run_command(argv)
+        code = run_command(argv)
+        # the ranks leave together: one that closed its process group while rank 0 still
+        # wrote the mesh sometimes died of its unfinished gloo work (SIGABRT) under torchrun
+        dist.barrier()
+        return code
     finally:
         dist.shutdown()
 

@@ -33,6 +33,7 @@ from utils.logger import NullWriter
 from utils.misc import get_rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
+MIN_LOSS_SCALE = 1.0  # below it, fp16-mixed overflow skips count towards a rollback (on_bad_step)
 
 
 @dataclass
@@ -257,10 +258,15 @@ class BaseSystem(Configurable):
         return bool(torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads]).sum())) if grads else True
 
     def on_bad_step(self, stats: Dict[str, float]) -> None:
-        """Count a skipped (non-finite) step; roll back once max_bad_steps come in a row."""
+        """Count a skipped (non-finite) step; roll back once max_bad_steps come in a row. A
+        float16 overflow with a finite loss (fp16-mixed) is the grad scaler's to handle (it has
+        just halved its scale): it counts towards a rollback only once the scale is below
+        MIN_LOSS_SCALE, else the first steps' overflows at the initial 65536 could trigger one."""
         cfg = self.trainer_config
         self.skipped_steps += 1
-        self.bad_steps_in_a_row += 1
+        scaler_handles_it = stats.get("scaler_backoff") and self.scaler.get_scale() >= MIN_LOSS_SCALE
+        if not scaler_handles_it:
+            self.bad_steps_in_a_row += 1
         self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.global_step)
         log.warning("step %d skipped: non-finite %s (%d in a row)", self.global_step - 1,
                     stats.get("non_finite", "loss or gradient"), self.bad_steps_in_a_row)
@@ -282,8 +288,11 @@ class BaseSystem(Configurable):
             raise TrainingDiverged(f"non-finite steps at step {self.global_step} and no checkpoint to roll back to")
         lr_scale = self.lr_scale * cfg.rollback_lr_factor
         rollbacks, skipped, from_step = self.rollbacks + 1, self.skipped_steps, self.global_step
+        loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.load(path)
         self.set_lr_scale(lr_scale)
+        if loss_scale is not None:  # not the checkpoint's higher scale, which would overflow again
+            self.scaler.update(min(loss_scale, self.scaler.get_scale()))
         self.rollbacks, self.skipped_steps, self.bad_steps_in_a_row = rollbacks, skipped, 0
         self.writer.add_scalar("train/rollbacks", self.rollbacks, self.global_step)
         log.warning("%d non-finite steps in a row at step %d: rolled back to %s, learning rates x%g",

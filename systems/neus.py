@@ -120,13 +120,15 @@ class NeuSSystem(BaseSystem):
         if not non_finite:
             self.scaler.step(self.optimizer)
             self.update_ray_count(n_rays, n_samples)
+        scaler_backoff = False
         if backward:  # fp16-mixed: grows the loss scale, or halves it after a non-finite gradient
             self.scaler.update()
-            if self.mixed_precision and "gradient" in non_finite:
+            if self.scaler.is_enabled() and non_finite == ["gradient"]:
+                scaler_backoff = True  # a finite loss: most likely float16 overflow at this scale
                 non_finite[-1] = f"gradient (float16 overflow? loss scale now {self.scaler.get_scale():g})"
         self.scheduler.step()
         if non_finite:  # the parameters stay as they were; fit() counts the step and may roll back
-            return {"skipped": 1.0, "non_finite": ", ".join(non_finite)}
+            return {"skipped": 1.0, "non_finite": ", ".join(non_finite), "scaler_backoff": float(scaler_backoff)}
         stats = {f"loss_{k}": v.item() for k, v in losses.items() if k != "total"}
         stats.update(loss=losses["total"].item(), psnr=psnr(out["rgb"].detach(), batch["rgb"]))
         if "background" in out:

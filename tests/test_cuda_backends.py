@@ -504,6 +504,29 @@ def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(sc
     assert system.train_step(system.global_step)["skipped"] == 0.0
 
 
+def test_float16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(scene, tmp_path):  # noqa: F811
+    """Twelve steps with an infinite gradient (finite loss) from scale 1024: ten halvings take it to
+    1 without counting towards a rollback (max_bad_steps 10); the 11th and 12th (scale 0.5, 0.25)
+    count. A rollback keeps the lower of the current and the checkpoint's scale."""
+    system = build_system(scene, tmp_path)
+    system.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    checkpoint_scale = system.scaler.get_scale()
+    system.save()
+    hook = system.model.variance.variance.register_hook(lambda g: g * float("inf"))
+    for _ in range(12):
+        stats = system.train_step(system.global_step)
+        system.global_step += 1
+        assert stats["skipped"] == 1.0 and stats["scaler_backoff"] == 1.0
+        system.on_bad_step(stats)
+    hook.remove()
+    assert system.scaler.get_scale() == 0.25
+    assert system.skipped_steps == 12 and system.bad_steps_in_a_row == 2 and system.rollbacks == 0
+    system.mixed_precision = True  # so that loading restores the checkpoint's scaler, as on CUDA
+    system.rollback()
+    assert system.rollbacks == 1 and system.global_step == 0
+    assert checkpoint_scale == 1024.0 and system.scaler.get_scale() == 0.25
+
+
 def test_the_sdf_mlp_stays_float32_under_autocast():
     """CPU's bfloat16 autocast stands in for CUDA's float16: the SDF, its x-gradient and the
     feature come out float32 and exactly as without autocast; the colour MLP does run in it."""
