@@ -1,8 +1,9 @@
 """Multiresolution hash encoding (Instant-NGP) with tiny-cuda-nn's exact semantics.
 
 Level l has the grid scale  s_l = base_resolution * per_level_scale**l - 1  (in float32, as
-tcnn computes it: `grid_scale`) and resolution res_l = ceil(s_l) + 1. A point x in [0, 1]^3 sits at  p = s_l * x + 0.5  in grid units; its
-8 corners floor(p) + {0,1}^3 are looked up with trilinear weights. A level whose res_l**3
+tcnn computes it: `grid_scale`) and resolution res_l = ceil(s_l) + 1. A point x in [0, 1]^3
+sits at  p = s_l * x + 0.5  in grid units; its 8 corners floor(p) + {0,1}^3 are looked up
+with trilinear weights. A level whose res_l**3
 cells fit in its table is indexed densely (x + y*res + z*res^2); finer levels use the hash
 x*1 ^ y*2654435761 ^ z*805459861 (uint32); both modulo the level's table size
 min(res_l**3, 2**log2_hashmap_size) rounded up to a multiple of 8. Parameters start
@@ -12,8 +13,8 @@ uniform in [-1e-4, 1e-4]. Output is level-major: [l0 f0, l0 f1, l1 f0, ...].
 level-major with one `index_select` on flat indices, which is what makes it fast on CPU);
 `backend: tcnn` wraps `tinycudann.Encoding` (CUDA only; its flat parameters are this table
 flattened row-major, see `tcnn_params_from_table`; checkpoints hold the [T, F] table on both
-backends, so they move between them); `auto` takes tcnn only on CUDA when it imports. On top of either sits the progressive band mask (Neuralangelo /
-instant-nsr-pl): only the first `current_level` levels are active; the rest output zeros.
+backends, so they move between them); `auto` takes tcnn only on CUDA when it imports. On top
+of either sits the progressive band mask (Neuralangelo / instant-nsr-pl): only the first `current_level` levels are active; the rest output zeros.
 """
 import ctypes
 import ctypes.util

@@ -178,13 +178,14 @@ def nerfacc_cuda_error() -> Optional[str]:
     if importlib.util.find_spec("nerfacc.csrc") is not None:
         return None
     if shutil.which("nvcc") is None:
-        return "no prebuilt nerfacc CUDA extension and no CUDA toolkit (nvcc) to build one"
+        return ("no prebuilt nerfacc CUDA extension and no CUDA toolkit (nvcc) to build one: install the CUDA "
+                "toolkit matching torch's CUDA version")
     if not is_ninja_available():
-        return "nerfacc builds its CUDA code with ninja, which is not installed (pip install ninja)"
+        return "nerfacc builds its CUDA code with ninja, which is not installed: pip install ninja"
     nvcc, torch_cuda = nvcc_cuda_version(), torch.version.cuda
     if nvcc and torch_cuda and nvcc.split(".")[0] != torch_cuda.split(".")[0]:
         return (f"the CUDA toolkit on PATH (nvcc {nvcc}) does not match torch's CUDA {torch_cuda}, so nerfacc's "
-                "CUDA code cannot be built against this torch")
+                f"CUDA code cannot be built against this torch: put CUDA {torch_cuda}'s nvcc first on PATH")
     return None
 
 
@@ -196,6 +197,6 @@ def choose_occupancy_backend(requested: str, device: torch.device) -> str:
         requested, device, "occupancy", "nerfacc", nerfacc_cuda_error,
         f"backend 'nerfacc' samples and renders with nerfacc's CUDA kernels, but this run's device is "
         f"{device.type}; set backend: torch (or auto) to march rays in plain torch",
-        lambda error: f"backend 'nerfacc' needs nerfacc's CUDA code: {error}; install the CUDA toolkit matching "
-        "torch's CUDA version (or nerfacc's prebuilt wheel), or set backend: torch",
+        lambda error: f"backend 'nerfacc' needs nerfacc's CUDA code: {error} (or install nerfacc's prebuilt "
+        "wheel), or set backend: torch",
     )

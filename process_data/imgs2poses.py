@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from process_data.colmap import SPARSE_MODEL, import_pycolmap, mask_path
@@ -134,10 +134,25 @@ UPRIGHT_IMAGES = "images_upright"
 JPEG_BEST = [cv2.IMWRITE_JPEG_QUALITY, 100, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
 
 
+def photo_header(path: str) -> Tuple[int, int, int]:
+    """(width, height) as stored and the EXIF orientation (1: stored upright) of the photo at
+    path, from its header (no decoding)."""
+    try:
+        with Image.open(path) as image:
+            return image.size[0], image.size[1], int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(f"cannot read the photo {path} ({type(e).__name__}): corrupt or not an image") from None
+
+
 def exif_orientation(path: str) -> int:
-    """The photo's EXIF orientation (1: stored upright), read from its header without decoding."""
-    with Image.open(path) as image:
-        return int(image.getexif().get(EXIF_ORIENTATION, 1))
+    return photo_header(path)[2]
+
+
+def photo_size(path: str) -> Tuple[int, int]:
+    """(width, height) of the photo at path as viewers show it: EXIF orientations 5-8 turn it
+    by 90 degrees (what `upright_photos` writes, and what masks are drawn on)."""
+    width, height, orientation = photo_header(path)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def upright_photos(image_dir: str, names: List[str], work_dir: str) -> str:
@@ -165,31 +180,22 @@ def upright_photos(image_dir: str, names: List[str], work_dir: str) -> str:
 
 
 def check_one_size(image_dir: str, names: List[str]) -> None:
-    """All photos must be the same size: they share one camera (one calibration), and the NeuS
-    format one image size. Read from the headers, so cheap."""
+    """All photos must be the same size as shown (after their EXIF rotation): they share one
+    camera (one calibration), and the NeuS format one image size. From the headers, so cheap."""
     sizes = {}
     for name in names:
-        with Image.open(os.path.join(image_dir, name)) as image:
-            sizes.setdefault(image.size, name)
+        sizes.setdefault(photo_size(os.path.join(image_dir, name)), name)
     if len(sizes) > 1:
         (size_a, name_a), (size_b, name_b) = list(sizes.items())[:2]
         raise DatasetError(
             f"photos of different sizes in {image_dir}: {name_a} is {size_a[0]}x{size_a[1]}, {name_b} is "
-            f"{size_b[0]}x{size_b[1]}; all photos share one camera, so take them with one camera and zoom, in one "
-            "orientation (or crop/resize them to one size first)"
+            f"{size_b[0]}x{size_b[1]} (as shown, after any EXIF rotation); all photos share one camera, so take "
+            "them with one camera and zoom, in one orientation (or crop/resize them to one size first)"
         )
 
 
 def is_jpeg(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
-
-
-def photo_size(path: str) -> Tuple[int, int]:
-    """(width, height) of the photo at path, as stored in the file (no EXIF rotation)."""
-    photo = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if photo is None:
-        raise DatasetError(f"cannot read the photo {path}")
-    return photo.shape[1], photo.shape[0]
 
 
 def write_feature_masks(mask_dir: str, image_dir: str, names: List[str], out_dir: str) -> None:
@@ -371,8 +377,8 @@ def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):
     # a fresh database: re-running must not add a second copy of every photo's features
     shutil.rmtree(work_dir, ignore_errors=True)
     os.makedirs(os.path.join(work_dir, "sparse"))
-    image_dir = upright_photos(image_dir, names, work_dir)
     check_one_size(image_dir, names)
+    image_dir = upright_photos(image_dir, names, work_dir)
     database_path = os.path.join(work_dir, "database.db")
     pycolmap.set_random_seed(options.seed)
     quiet = COLMAP_INFO if options.verbose else COLMAP_WARNING

@@ -291,12 +291,21 @@ class BaseSystem(Configurable):
         loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.load(path)
         self.set_lr_scale(lr_scale)
-        if loss_scale is not None:  # not the checkpoint's higher scale, which would overflow again
-            self.scaler.update(min(loss_scale, self.scaler.get_scale()))
+        if loss_scale is not None:
+            self.scaler.load_state_dict(self.loss_scale_after_rollback(loss_scale))
         self.rollbacks, self.skipped_steps, self.bad_steps_in_a_row = rollbacks, skipped, 0
         self.writer.add_scalar("train/rollbacks", self.rollbacks, self.global_step)
         log.warning("%d non-finite steps in a row at step %d: rolled back to %s, learning rates x%g",
                     cfg.max_bad_steps, from_step, path, lr_scale)
+
+    def loss_scale_after_rollback(self, scale_before: float) -> Dict[str, Any]:
+        """The grad scaler's state to go on with: the loaded one, its scale lowered to the scale
+        reached before the rollback (the checkpoint's higher one overflowed), but not below
+        MIN_LOSS_SCALE, under which float16 gradients underflow. Through the state dict, which
+        also works for a scaler that has not scaled a loss yet."""
+        state = self.scaler.state_dict()
+        state["scale"] = max(MIN_LOSS_SCALE, min(scale_before, state["scale"]))
+        return state
 
     def set_lr_scale(self, lr_scale: float) -> None:
         """Scale every learning rate (and the schedule's base rates) to lr_scale x configured."""

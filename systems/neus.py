@@ -21,14 +21,10 @@ from systems.optim import (
 )
 from systems.registry import SYSTEMS
 from utils.mesh import (
-    COARSE_RESOLUTION,
-    cube_bounds,
+    extract_surface,
     faces_inside_masks,
-    fine_bounds,
     grid_shape,
     largest_component,
-    marching_cubes,
-    no_surface,
     remove_unused_vertices,
     save_mesh,
     sdf_on_grid,
@@ -158,7 +154,8 @@ class NeuSSystem(BaseSystem):
     # Under torchrun every rank renders: the test views and the orbit frames are shared out in
     # turns (rank r takes r, r + N, ...), a validation view and the SDF grids by rows; rank 0
     # gathers the results and alone writes images, TensorBoard, metrics.json and the mesh. No
-    # rank waits in a collective while another renders a whole test set or meshes alone.
+    # rank waits in a collective while another renders a whole test set; at the end they wait
+    # (run.py's last barrier) only while rank 0 runs marching cubes and cleans the mesh.
     @torch.no_grad()
     def render_rays(self, rays: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Render N rays in chunks of eval_chunk_rays -> rgb [N, 3], opacity [N] (foreground),
@@ -366,20 +363,14 @@ class NeuSSystem(BaseSystem):
         shared out over the ranks and marching cubes on rank 0 -> vertices [V, 3], faces [F, 3]
         in the normalised frame (rank 0; None elsewhere)."""
         cfg = self.full_config.export
-        radius = self.model.config.radius
         self.model.eval()
-        coarse, voxel = self.sdf_grid(cube_bounds(radius), min(COARSE_RESOLUTION, cfg.mesh_resolution))
-        # rank 0 alone holds the coarse grid: the others take its box, so all evaluate one grid
-        bounds = fine_bounds(coarse, voxel, cfg.mesh_threshold, radius) if dist.is_main() else None
-        bounds = dist.broadcast_object(bounds)
-        if bounds is None:
-            return no_surface() if dist.is_main() else None
-        values, voxel = self.sdf_grid(bounds, cfg.mesh_resolution)
-        return marching_cubes(values, bounds[0], voxel, cfg.mesh_threshold) if dist.is_main() else None
+        # rank 0 alone holds the coarse grid: the others take its fine box, so all evaluate one grid
+        return extract_surface(self.sdf_grid, self.model.config.radius, cfg.mesh_resolution, cfg.mesh_threshold,
+                               agree=dist.broadcast_object)
 
     def sdf_grid(self, bounds: np.ndarray, resolution: int) -> Tuple[Optional[np.ndarray], np.ndarray]:
         """utils.mesh.sdf_on_grid, this rank evaluating its rank_slice of the x-planes -> the
-        whole grid [nx, ny, nz] on rank 0 (None elsewhere), and the voxel size [3]."""
+        whole grid [nx, ny, nz] on rank 0 (None elsewhere), and the voxel size."""
         n_planes = grid_shape(bounds, resolution)[0][0]
         cfg = self.full_config.export
         mine, voxel = sdf_on_grid(self.model.mesh_sdf, bounds, resolution, cfg.mesh_chunk, self.device,

@@ -471,7 +471,7 @@ def test_nerfacc_availability_names_what_is_missing(monkeypatch):
     assert "no CUDA toolkit (nvcc)" in nerfacc_cuda_error()
     monkeypatch.setattr(models.occupancy.shutil, "which", lambda name: "/usr/local/cuda/bin/nvcc")
     monkeypatch.setattr(models.occupancy, "is_ninja_available", lambda: False)
-    assert "ninja, which is not installed (pip install ninja)" in nerfacc_cuda_error()
+    assert "ninja, which is not installed: pip install ninja" in nerfacc_cuda_error()
     monkeypatch.setattr(models.occupancy, "is_ninja_available", lambda: True)
     monkeypatch.setattr(models.occupancy, "nvcc_cuda_version", lambda: "12.4")
     monkeypatch.setattr(models.occupancy.torch.version, "cuda", "13.0")
@@ -507,7 +507,8 @@ def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(sc
 def test_float16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(scene, tmp_path):  # noqa: F811
     """Twelve steps with an infinite gradient (finite loss) from scale 1024: ten halvings take it to
     1 without counting towards a rollback (max_bad_steps 10); the 11th and 12th (scale 0.5, 0.25)
-    count. A rollback keeps the lower of the current and the checkpoint's scale."""
+    count. A rollback goes on with the lower of the current and the checkpoint's scale, but not
+    below 1; also for a scaler that never scaled a loss (every step's loss non-finite)."""
     system = build_system(scene, tmp_path)
     system.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
     checkpoint_scale = system.scaler.get_scale()
@@ -524,20 +525,28 @@ def test_float16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(s
     system.mixed_precision = True  # so that loading restores the checkpoint's scaler, as on CUDA
     system.rollback()
     assert system.rollbacks == 1 and system.global_step == 0
-    assert checkpoint_scale == 1024.0 and system.scaler.get_scale() == 0.25
+    assert checkpoint_scale == 1024.0 and system.scaler.get_scale() == 1.0
+
+    fresh = build_system(scene, tmp_path / "fresh")
+    fresh.scaler, fresh.mixed_precision = torch.amp.GradScaler("cpu", init_scale=1024.0), True
+    fresh.save()
+    fresh.global_step = 5
+    fresh.rollback()
+    assert fresh.global_step == 0 and fresh.scaler.get_scale() == 1024.0
 
 
 def test_the_sdf_mlp_stays_float32_under_autocast():
-    """CPU's bfloat16 autocast stands in for CUDA's float16: the SDF, its x-gradient and the
-    feature come out float32 and exactly as without autocast; the colour MLP does run in it."""
+    """CPU's bfloat16 autocast stands in for CUDA's float16: the SDF, the feature and the
+    x-gradient (forward_with_grad), and the SDF alone (sdf: the occupancy and mesh path) come out
+    float32 and exactly as without autocast; the colour MLP does run in it."""
     torch.manual_seed(0)
     config = load_config(CPU_CONFIG, TINY).model
     model = SDFNetwork(config.geometry, radius=1.0)
     colour = ColorNetwork(config.texture, feature_dim=config.geometry.feature_dim)
     x = torch.rand(64, 3) * 1.6 - 0.8  # [64, 3]
-    plain = model.forward_with_grad(x, create_graph=True)
+    plain = (*model.forward_with_grad(x, create_graph=True), model.sdf(x))
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        mixed = model.forward_with_grad(x, create_graph=True)
+        mixed = (*model.forward_with_grad(x, create_graph=True), model.sdf(x))
         rgb = colour.mlp(torch.cat([mixed[1], torch.zeros(64, colour.dir_encoding.n_output_dims), mixed[2]], dim=-1))
     for a, b in zip(mixed, plain):
         assert a.dtype == torch.float32

@@ -6,6 +6,7 @@ import trimesh
 from utils.camera import look_at
 from utils.mesh import (
     extract_surface,
+    local_grid,
     faces_inside_masks,
     largest_component,
     rasterize_silhouette,
@@ -28,7 +29,7 @@ def test_marching_cubes_sphere_radius_and_outward_normals_in_world_frame():
     """|x - c| - 0.5 at 96^3 over [-1, 1]^3: vertices at radius 0.5 (within half a voxel), and in
     the world frame after scale_mat a sphere of radius 40 around (12, -7, 30) whose face
     normals point away from the centre."""
-    vertices, faces = extract_surface(sphere_sdf([0.1, 0.0, -0.1], 0.5), 1.0, 96, 0.0, 50000, "cpu", 48)
+    vertices, faces = extract_surface(local_grid(sphere_sdf([0.1, 0.0, -0.1], 0.5), 50000, "cpu"), 1.0, 96, 0.0, 48)
     radii = np.linalg.norm(vertices - [0.1, 0.0, -0.1], axis=1)
     voxel = 1.2 / 95  # the fine pass spans the coarse bounding box (~1.1 wide + margin) with 96 points
     assert np.abs(radii - 0.5).max() < voxel
@@ -43,12 +44,12 @@ def test_marching_cubes_sphere_radius_and_outward_normals_in_world_frame():
 
 def test_threshold_selects_the_level_set():
     """The iso-level 0.1 of |x| - 0.3 is the sphere of radius 0.4."""
-    vertices, _ = extract_surface(sphere_sdf([0.0, 0.0, 0.0], 0.3), 1.0, 64, 0.1, 50000, "cpu", 32)
+    vertices, _ = extract_surface(local_grid(sphere_sdf([0.0, 0.0, 0.0], 0.3), 50000, "cpu"), 1.0, 64, 0.1, 32)
     np.testing.assert_allclose(np.linalg.norm(vertices, axis=1).mean(), 0.4, atol=0.01)
 
 
 def test_empty_field_gives_empty_mesh():
-    vertices, faces = extract_surface(lambda x: torch.ones(x.shape[0]), 1.0, 32, 0.0, 10000, "cpu", 16)
+    vertices, faces = extract_surface(local_grid(lambda x: torch.ones(x.shape[0]), 10000, "cpu"), 1.0, 32, 0.0, 16)
     assert vertices.shape == (0, 3) and faces.shape == (0, 3)
 
 

@@ -318,7 +318,16 @@ def test_error_for_photos_of_different_sizes(tmp_path):
     """One portrait photo among landscape ones (after turning upright) cannot share their camera."""
     write_photos(tmp_path / "images", noise_photos(3), ext=".jpg")
     write_with_orientation(tmp_path / "images" / "photo_01.jpg", noise_photos(1)[0], 6)
-    with pytest.raises(DatasetError, match=r"different sizes .* photo_00.jpg is 200x150, photo_01.jpg is 150x200"):
+    with pytest.raises(DatasetError, match=r"different sizes in \S*images: photo_00.jpg is 200x150, photo_01.jpg is "
+                                           r"150x200 \(as shown, after any EXIF rotation\)"):
+        run_sfm(str(tmp_path), SfMOptions(num_threads=1))
+    assert not os.path.exists(tmp_path / "colmap" / "images_upright")
+
+
+def test_error_for_a_corrupt_photo(tmp_path):
+    write_photos(tmp_path / "images", noise_photos(2), ext=".jpg")
+    (tmp_path / "images" / "photo_02.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"cannot read the photo \S*photo_02.jpg .*corrupt or not an image"):
         run_sfm(str(tmp_path), SfMOptions(num_threads=1))
 
 

@@ -32,9 +32,9 @@ def sdf_on_grid(
     chunk: int,
     device,
     x_planes: slice = slice(None),
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> Tuple[np.ndarray, float]:
     """SDF sampled on grid_shape's grid over bounds, on its x-planes `x_planes` (all of them,
-    or one process's share) -> values [len(x_planes), ny, nz], voxel size [3]"""
+    or one process's share) -> values [planes in x_planes, ny, nz], voxel size"""
     counts, voxel = grid_shape(bounds, resolution)
     axes = [torch.linspace(0, (n - 1) * voxel, n, device=device) + float(lo) for n, lo in zip(counts, bounds[0])]
     xs = axes[0][x_planes]
@@ -60,7 +60,7 @@ def cube_bounds(radius: float) -> np.ndarray:
     return np.array([[-radius] * 3, [radius] * 3], dtype=np.float64)
 
 
-def fine_bounds(coarse: np.ndarray, voxel: np.ndarray, level: float, radius: float) -> Optional[np.ndarray]:
+def fine_bounds(coarse: np.ndarray, voxel: float, level: float, radius: float) -> Optional[np.ndarray]:
     """Where the fine pass goes: the bounding box of the surface in the coarse grid over
     cube_bounds(radius), plus two coarse voxels, inside that cube -> bounds [2, 3] (None
     when the coarse grid holds no surface)"""
@@ -75,23 +75,35 @@ def no_surface() -> Tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
 
 
+GridFn = Callable[[np.ndarray, int], Tuple[Optional[np.ndarray], float]]
+
+
+def local_grid(sdf_fn: Callable[[torch.Tensor], torch.Tensor], chunk: int, device) -> GridFn:
+    """grid_fn for extract_surface in one process: (bounds, resolution) -> sdf_on_grid's values, voxel."""
+    return lambda bounds, resolution: sdf_on_grid(sdf_fn, bounds, resolution, chunk, device)
+
+
 def extract_surface(
-    sdf_fn: Callable[[torch.Tensor], torch.Tensor],
+    grid_fn: GridFn,
     radius: float,
     resolution: int,
     level: float,
-    chunk: int,
-    device,
     coarse_resolution: int = COARSE_RESOLUTION,
-) -> Tuple[np.ndarray, np.ndarray]:
+    agree: Callable[[Optional[np.ndarray]], Optional[np.ndarray]] = lambda bounds: bounds,
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """Coarse marching cubes over [-radius, radius]^3, then a fine pass at `resolution` over
-    the coarse surface's bounding box (plus two coarse voxels). Normalised frame."""
-    coarse, voxel = sdf_on_grid(sdf_fn, cube_bounds(radius), min(coarse_resolution, resolution), chunk, device)
-    bounds = fine_bounds(coarse, voxel, level, radius)
+    the coarse surface's bounding box (plus two coarse voxels). Normalised frame.
+
+    grid_fn(bounds, resolution) -> SDF values [nx, ny, nz], voxel size (values None in a
+    process that only contributes its share to another's grid); agree(bounds) gives every
+    process the fine box of the one holding the coarse grid (identity in one process).
+    -> vertices [V, 3], faces [F, 3] where the grid was held, else None."""
+    coarse, voxel = grid_fn(cube_bounds(radius), min(coarse_resolution, resolution))
+    bounds = agree(fine_bounds(coarse, voxel, level, radius) if coarse is not None else None)
     if bounds is None:
-        return no_surface()
-    values, voxel = sdf_on_grid(sdf_fn, bounds, resolution, chunk, device)
-    return marching_cubes(values, bounds[0], voxel, level)
+        return no_surface() if coarse is not None else None
+    values, voxel = grid_fn(bounds, resolution)
+    return marching_cubes(values, bounds[0], voxel, level) if values is not None else None
 
 
 def largest_component(faces: np.ndarray) -> np.ndarray:
