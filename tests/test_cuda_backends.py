@@ -1,4 +1,5 @@
-"""The CUDA backends against the torch reference, and the choice of backends at start-up.
+"""The CUDA backends against the torch reference (the choice of backends: test_backend_choice.py;
+mixed precision: test_mixed_precision.py).
 
 On CUDA (skipped elsewhere, and for tcnn also where tinycudann does not import) in float32:
 - tcnn's HashGrid against the torch HashGrid with the torch table copied into tcnn's flat
@@ -7,37 +8,19 @@ On CUDA (skipped elsewhere, and for tcnn also where tinycudann does not import) 
 - nerfacc's OccGridEstimator.sampling against the torch march_rays on a fixed grid: the same
   kept samples (with and without early stopping);
 - nerfacc's packed render_weight_from_alpha / accumulate_along_rays against models/rendering.py:
-  values and gradients;
-- a few fp16-mixed training steps, and their checkpoint.
+  values and gradients.
 Each comparison is a harness function. On CPU the same harness runs the torch code against an
 independent slow reference, so that the harness itself cannot break unnoticed where no GPU is.
 """
 import dataclasses
-import os
 
 import pytest
 import torch
-import yaml
 
-import encoder.hashgrid
-import models.occupancy
-from encoder.hashgrid import TCNN_INSTALL, HashGrid, choose_backend, tcnn_import_error, tcnn_params_from_table
-from models.occupancy import (
-    OccupancyGrid,
-    choose_occupancy_backend,
-    march_rays,
-    nerfacc_cuda_error,
-    ray_aabb_intersect,
-)
-from models.network import ColorNetwork, SDFNetwork
+from encoder.hashgrid import HashGrid, tcnn_import_error, tcnn_params_from_table
+from models.occupancy import OccupancyGrid, march_rays, nerfacc_cuda_error, ray_aabb_intersect
 from models.rendering import NERFACC_OPS, TORCH_OPS, PackedOps, neus_alpha
-from systems.backends import choose_precision
 from tests.test_encoders import reference_encode, reference_layout
-from tests.test_reliability import (  # noqa: F401  (scene, scene_template: fixtures)
-    CPU_CONFIG, TINY, assert_refused_at_start_up, build_system, run_main, scene, scene_template,
-)
-from utils.checkpoint import load_checkpoint
-from utils.config import ConfigError, load_config
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA not available")
@@ -373,208 +356,3 @@ def test_nerfacc_ops_refuse_cpu_tensors():
         NERFACC_OPS.weights_from_alpha(alphas, ray_indices, n_rays)
     with pytest.raises(ValueError, match="CUDA tensors only"):
         NERFACC_OPS.accumulate(alphas, ray_indices, n_rays, values)
-
-
-# --- choosing backends ------------------------------------------------------------------------
-def trial_dir(outputs) -> str:
-    (path,) = [d for d, _, files in os.walk(outputs) if "train.log" in files]
-    return path
-
-
-def test_auto_is_torch_on_cpu_logged_once_and_recorded(scene, tmp_path, capsys):  # noqa: F811
-    outputs = tmp_path / "outputs"
-    code, err = run_main(capsys, "--train", "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY,
-                         "trainer.max_steps=2")
-    assert code == 0, err[-3000:]
-    expected = {"model.geometry.xyz_encoding.backend": "torch", "model.sampler.backend": "torch",
-                "trainer.precision": "fp32"}
-    trial = trial_dir(outputs)
-    with open(os.path.join(trial, "config", "backends.yaml")) as f:
-        assert yaml.safe_load(f) == expected
-    line = "backends: model.geometry.xyz_encoding.backend=torch, model.sampler.backend=torch, trainer.precision=fp32"
-    assert [ln for ln in err.splitlines() if "backends:" in ln] == [ln for ln in err.splitlines() if line in ln]
-    assert len([ln for ln in err.splitlines() if "backends:" in ln]) == 1
-    with open(os.path.join(trial, "train.log")) as f:
-        assert line in f.read()
-    state = load_checkpoint(os.path.join(trial, "ckpt", "ckpt_000002.pth"))  # weights_only
-    assert state["backends"] == expected and state["grad_scaler"] == {}
-
-
-def test_built_components_run_what_was_recorded(scene, tmp_path):  # noqa: F811
-    system = build_system(scene, tmp_path, "model.background.enabled=true")
-    model = system.model
-    assert system.backends["model.background.xyz_encoding.backend"] == model.background.encoding.backend
-    assert system.backends["model.geometry.xyz_encoding.backend"] == model.geometry.encoding.backend
-    assert system.backends["model.sampler.backend"] == model.occupancy.backend
-    assert model.packed is (NERFACC_OPS if model.occupancy.backend == "nerfacc" else TORCH_OPS)
-    assert system.mixed_precision == (system.backends["trainer.precision"] == "fp16-mixed")
-
-
-REFUSED = {
-    # overrides: what the one-line message must say
-    "tcnn": (["model.geometry.xyz_encoding.backend=tcnn"],
-             ["config error:", "model.geometry.xyz_encoding.backend", "'tcnn'", "device is cpu", TCNN_INSTALL,
-              "or set backend: torch"]),
-    "background_tcnn": (["model.background.enabled=true", "model.background.xyz_encoding.backend=tcnn"],
-                        ["config error:", "model.background.xyz_encoding.backend", "'tcnn'", TCNN_INSTALL,
-                         "or set backend: torch"]),
-    "nerfacc": (["model.sampler.backend=nerfacc"],
-                ["config error:", "model.sampler.backend", "'nerfacc'", "device is cpu", "set backend: torch"]),
-    "fp16": (["trainer.precision=fp16-mixed"], ["config error:", "trainer.precision", "needs CUDA", "auto or fp32"]),
-    "cuda_device": (["device=cuda"], ["config error:", "CUDA is not available", "device=auto or cpu"]),
-    "typo": (["model.sampler.backend=nerfac"], ["config error:", "model.sampler.backend", "auto, torch or nerfacc"]),
-    "bad_precision": (["trainer.precision=half"], ["config error:", "trainer.precision", "auto, fp16-mixed, fp32"]),
-}
-
-
-@pytest.mark.parametrize("case", sorted(REFUSED))
-def test_cuda_only_requests_are_refused_at_start_up_on_cpu(case, scene, tmp_path, capsys):  # noqa: F811
-    """TINY runs on device=cpu, so these are refused on any machine (device=cuda only without CUDA)."""
-    if case == "cuda_device" and CUDA:
-        pytest.skip("CUDA is available here: device=cuda is a valid request")
-    overrides, expected = REFUSED[case]
-    outputs = tmp_path / "outputs"
-    code, err = run_main(capsys, "--train", "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY,
-                         *overrides)
-    assert_refused_at_start_up(code, err, expected, outputs)
-
-
-def test_choices_on_a_cuda_device_follow_what_is_installed(monkeypatch):
-    """The choosers' logic for a CUDA device, with the availability checks faked (nothing touches
-    CUDA): auto takes a CUDA backend only when it can run, explicit requests say what is missing."""
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(encoder.hashgrid, "tcnn_import_error", lambda: "ImportError: No module named 'tinycudann'")
-    assert choose_backend("auto", cuda) == "torch"
-    with pytest.raises(ConfigError) as error:
-        choose_backend("tcnn", cuda)
-    for part in ("No module named 'tinycudann'", TCNN_INSTALL, "CUDA toolkit", "or set backend: torch"):
-        assert part in str(error.value)
-    monkeypatch.setattr(encoder.hashgrid, "tcnn_import_error", lambda: None)
-    assert choose_backend("auto", cuda) == choose_backend("tcnn", cuda) == "tcnn"
-    assert choose_backend("torch", cuda) == "torch"
-
-    monkeypatch.setattr(models.occupancy, "nerfacc_cuda_error", lambda: "no CUDA toolkit (nvcc)")
-    assert choose_occupancy_backend("auto", cuda) == "torch"
-    with pytest.raises(ConfigError, match="no CUDA toolkit.*or set backend: torch"):
-        choose_occupancy_backend("nerfacc", cuda)
-    monkeypatch.setattr(models.occupancy, "nerfacc_cuda_error", lambda: None)
-    assert choose_occupancy_backend("auto", cuda) == choose_occupancy_backend("nerfacc", cuda) == "nerfacc"
-
-    assert choose_precision("auto", cuda) == choose_precision("fp16-mixed", cuda) == "fp16-mixed"
-    assert choose_precision("auto", torch.device("cpu")) == choose_precision("fp32", cuda) == "fp32"
-
-
-def test_nerfacc_availability_names_what_is_missing(monkeypatch):
-    """No prebuilt extension: building needs nvcc, ninja and nvcc of torch's CUDA major version."""
-    monkeypatch.setattr(models.occupancy.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(models.occupancy.shutil, "which", lambda name: None)
-    assert "no CUDA toolkit (nvcc)" in nerfacc_cuda_error()
-    monkeypatch.setattr(models.occupancy.shutil, "which", lambda name: "/usr/local/cuda/bin/nvcc")
-    monkeypatch.setattr(models.occupancy, "is_ninja_available", lambda: False)
-    assert "ninja, which is not installed: pip install ninja" in nerfacc_cuda_error()
-    monkeypatch.setattr(models.occupancy, "is_ninja_available", lambda: True)
-    monkeypatch.setattr(models.occupancy, "nvcc_cuda_version", lambda: "12.4")
-    monkeypatch.setattr(models.occupancy.torch.version, "cuda", "13.0")
-    assert "(nvcc 12.4) does not match torch's CUDA 13.0" in nerfacc_cuda_error()
-    monkeypatch.setattr(models.occupancy, "nvcc_cuda_version", lambda: "13.1")
-    assert nerfacc_cuda_error() is None
-
-
-# --- mixed precision --------------------------------------------------------------------------
-def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(scene, tmp_path):  # noqa: F811
-    """The grad-scaler path of train_step, on CPU with an enabled CPU GradScaler: a step whose
-    unscaled gradient is infinite leaves the parameters alone, is reported skipped (fit counts it
-    like a NaN step) and halves the loss scale; the next step trains."""
-    system = build_system(scene, tmp_path)
-    system.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
-    for _ in range(2):
-        assert system.train_step(system.global_step)["skipped"] == 0.0
-        system.global_step += 1
-    before = [p.detach().clone() for p in system.params]
-    hook = system.model.variance.variance.register_hook(lambda g: g * float("inf"))
-    stats = system.train_step(system.global_step)
-    hook.remove()
-    assert stats["skipped"] == 1.0 and "gradient" in stats["non_finite"]
-    assert system.scaler.get_scale() == 512.0
-    for p, q in zip(system.params, before):
-        assert torch.equal(p, q)
-    system.global_step += 1
-    system.on_bad_step(stats)
-    assert system.skipped_steps == 1
-    assert system.train_step(system.global_step)["skipped"] == 0.0
-
-
-def test_float16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(scene, tmp_path):  # noqa: F811
-    """Twelve steps with an infinite gradient (finite loss) from scale 1024: ten halvings take it to
-    1 without counting towards a rollback (max_bad_steps 10); the 11th and 12th (scale 0.5, 0.25)
-    count. A rollback goes on with the lower of the current and the checkpoint's scale, but not
-    below 1; also for a scaler that never scaled a loss (every step's loss non-finite)."""
-    system = build_system(scene, tmp_path)
-    system.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
-    checkpoint_scale = system.scaler.get_scale()
-    system.save()
-    hook = system.model.variance.variance.register_hook(lambda g: g * float("inf"))
-    for _ in range(12):
-        stats = system.train_step(system.global_step)
-        system.global_step += 1
-        assert stats["skipped"] == 1.0 and stats["scaler_backoff"] == 1.0
-        system.on_bad_step(stats)
-    hook.remove()
-    assert system.scaler.get_scale() == 0.25
-    assert system.skipped_steps == 12 and system.bad_steps_in_a_row == 2 and system.rollbacks == 0
-    system.mixed_precision = True  # so that loading restores the checkpoint's scaler, as on CUDA
-    system.rollback()
-    assert system.rollbacks == 1 and system.global_step == 0
-    assert checkpoint_scale == 1024.0 and system.scaler.get_scale() == 1.0
-
-    fresh = build_system(scene, tmp_path / "fresh")
-    fresh.scaler, fresh.mixed_precision = torch.amp.GradScaler("cpu", init_scale=1024.0), True
-    fresh.save()
-    fresh.global_step = 5
-    fresh.rollback()
-    assert fresh.global_step == 0 and fresh.scaler.get_scale() == 1024.0
-
-
-def test_the_sdf_mlp_stays_float32_under_autocast():
-    """CPU's bfloat16 autocast stands in for CUDA's float16: the SDF, the feature and the
-    x-gradient (forward_with_grad), and the SDF alone (sdf: the occupancy and mesh path) come out
-    float32 and exactly as without autocast; the colour MLP does run in it."""
-    torch.manual_seed(0)
-    config = load_config(CPU_CONFIG, TINY).model
-    model = SDFNetwork(config.geometry, radius=1.0)
-    colour = ColorNetwork(config.texture, feature_dim=config.geometry.feature_dim)
-    x = torch.rand(64, 3) * 1.6 - 0.8  # [64, 3]
-    plain = (*model.forward_with_grad(x, create_graph=True), model.sdf(x))
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        mixed = (*model.forward_with_grad(x, create_graph=True), model.sdf(x))
-        rgb = colour.mlp(torch.cat([mixed[1], torch.zeros(64, colour.dir_encoding.n_output_dims), mixed[2]], dim=-1))
-    for a, b in zip(mixed, plain):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert rgb.dtype == torch.bfloat16
-
-
-@needs_cuda
-def test_fp16_mixed_training_steps_on_cuda(scene, tmp_path):  # noqa: F811
-    """auto precision on CUDA is fp16-mixed: steps train with finite parameters, and the
-    checkpoint holds the scaler's state and loads with weights_only and into a fresh system."""
-    overrides = [o for o in TINY if not o.startswith("device=")] + ["device=cuda", f"dataset.root_dir={scene}"]
-    config = load_config(CPU_CONFIG, overrides)
-    import systems
-
-    system = systems.SYSTEMS.get(config.system.name)(config, systems.RunPaths.for_trial(str(tmp_path / "a")),
-                                                     torch.device("cuda"))
-    assert system.mixed_precision and system.backends["trainer.precision"] == "fp16-mixed"
-    trained = 0
-    for _ in range(12):
-        stats = system.train_step(system.global_step)
-        system.global_step += 1
-        trained += stats["skipped"] == 0.0
-    assert trained >= 6
-    assert all(torch.isfinite(p).all() for p in system.model.parameters())
-    state = load_checkpoint(system.save())
-    assert state["grad_scaler"]["scale"] == system.scaler.get_scale()
-    other = systems.SYSTEMS.get(config.system.name)(config, systems.RunPaths.for_trial(str(tmp_path / "b")),
-                                                    torch.device("cuda"))
-    other.load(system.checkpoint_path(system.global_step))
-    assert other.scaler.get_scale() == system.scaler.get_scale()

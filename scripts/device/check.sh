@@ -7,7 +7,7 @@
 # fit is cut short or skipped, so the call returns with its logs), every log in $OUT:
 #   env.txt         GPU, nvcc, torch
 #   tcnn_build.log  tiny-cuda-nn's torch bindings, encodings only (built in the background)
-#   tests.log       tests/test_cuda_backends.py: nerfacc + fp16 first, tcnn once it is built
+#   tests.log       tests/test_cuda_backends.py + test_mixed_precision.py: nerfacc + fp16 first, tcnn once built
 #   bench.log       scripts/benchmark.py on DTU scan 24 at 800x600 (confs/neus-dtu-wmask.yaml),
 #                   torch vs tcnn + nerfacc, from scratch and from a 1000-step checkpoint
 #   train.log       the 1000-step tcnn + nerfacc training run (time per step, PSNR)
@@ -38,7 +38,7 @@ mkdir -p /tmp/tcnn && tar -xzf .carry/tiny-cuda-nn.tar.gz -C /tmp/tcnn
 BUILD=$!
 
 stamp "CUDA tests without tcnn (nerfacc compiles its kernels on first use)"
-timeout $(cap 240) python3 -m pytest -q -rs tests/test_cuda_backends.py -k "not tcnn" > "$OUT/tests.log" 2>&1
+timeout $(cap 240) python3 -m pytest -q -rs tests/test_cuda_backends.py tests/test_mixed_precision.py -k "not tcnn" > "$OUT/tests.log" 2>&1
 tail -4 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 
 wait $BUILD
