@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from process_data import synthetic
+from process_data import synthetic, synthetic_object
 from process_data.dtu import load_neus_scene
 from utils.camera import downscale_matrix
 from utils.mesh import rasterize_silhouette, silhouette_iou
@@ -76,7 +76,7 @@ def test_world_frame_is_not_normalised_frame(scene):
     radius = np.linalg.norm(mesh.vertices - centre, axis=1).max()
     info = json.load(open(os.path.join(out, "scene.json")))
     assert info["object_radius_world"] == pytest.approx(radius, rel=1e-4)
-    assert 0.5 * synthetic.WORLD_SCALE < radius < synthetic.BOUND_RADIUS * synthetic.WORLD_SCALE
+    assert 0.5 * synthetic.WORLD_SCALE < radius < synthetic_object.BOUND_RADIUS * synthetic.WORLD_SCALE
     assert info["description"] and info["params"] == {"n_views": N_VIEWS, "width": WIDTH, "height": HEIGHT, "seed": 0}
 
 
