@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import systems.neus
 from tests.conftest import ROOT
 from process_data.synthetic import make_demo_scene
 from tests.test_background import SMALL_BACKGROUND
-from tests.test_reliability import CPU_CONFIG, TINY, build_system, poison
+from tests.test_reliability import CPU_CONFIG, TINY, build_system, poison, sigterm_once_logged
 from utils import distributed as dist
 from utils.checkpoint import load_checkpoint
 
@@ -201,14 +200,7 @@ def logged_losses(train_log):
 def test_torchrun_writes_one_run_stops_on_sigterm_and_resumes_in_one_process(scene_template, tmp_path):
     outputs = tmp_path / "outputs"
     training = torchrun(outputs, scene_template, "trainer.max_steps=400", "trainer.val_every=10")
-    lines = []
-    for line in training.stderr:  # stop once training is under way (the step-20 log line)
-        lines.append(line)
-        if "step 20/400" in line:
-            training.send_signal(signal.SIGTERM)
-            break
-    _, rest = training.communicate(timeout=600)
-    err = "".join(lines) + rest
+    err = sigterm_once_logged(training, "step 20/400")
     assert training.returncode != 0, err[-3000:]
     assert "resume with: torchrun" in err, err[-3000:]
     (trial,) = glob.glob(str(outputs / "*" / "*"))  # one run folder, not one per rank

@@ -220,20 +220,26 @@ def final_parameters(outputs):
     return load_checkpoint(path)["model"]
 
 
+def sigterm_once_logged(process, marker: str) -> str:
+    """SIGTERM to `process` once its stderr shows `marker` (training under way), then wait for
+    it -> all it wrote on stderr."""
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if marker in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, rest = process.communicate(timeout=600)
+    return "".join(lines) + rest
+
+
 def test_sigterm_saves_and_the_resumed_run_matches_an_uninterrupted_one(scene, tmp_path):
     straight = start_run(tmp_path / "straight", scene)
     _, err = straight.communicate(timeout=600)
     assert straight.returncode == 0, err[-3000:]
 
     interrupted = start_run(tmp_path / "interrupted", scene)
-    lines = []
-    for line in interrupted.stderr:  # stop once training is under way (the step-10 log line)
-        lines.append(line)
-        if "step 10/60" in line:
-            interrupted.send_signal(signal.SIGTERM)
-            break
-    _, rest = interrupted.communicate(timeout=600)
-    err = "".join(lines) + rest
+    err = sigterm_once_logged(interrupted, "step 10/60")
     assert interrupted.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM" in err and "resume with: python run.py" in err
     resume_line = next(line for line in err.splitlines() if "resume with:" in line)
