@@ -4,6 +4,7 @@ A system subclasses `BaseSystem` and writes the parts that are its own: `train_s
 `validate`, `test`, `export_mesh`.
 """
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from utils.checkpoint import (
 from utils import distributed as dist
 from utils.config import Configurable, to_primitive
 from utils.logger import NullWriter
-from utils.misc import get_rng_state, seed_everything, set_rng_state
+from utils.misc import get_rng_state, process_age, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 MIN_LOSS_SCALE = 1.0  # below it, fp16-mixed overflow skips count towards a rollback (on_bad_step)
@@ -43,6 +44,8 @@ class TrainerConfig:
     max_train_num_rays: int = 8192
     dynamic_ray_sampling: bool = True  # adapt the rays per step to keep ~num_samples_per_step samples
     num_samples_per_step: int = 262144
+    # a background sample's cost in foreground samples, in that budget (systems.neus.next_ray_count)
+    background_sample_cost: float = 0.3
     log_every: int = 50  # steps between TensorBoard scalars / log lines
     val_every: int = 2500  # steps between validation renders (0: never)
     ckpt_every: int = 5000  # steps between checkpoints (0: only the final one)
@@ -58,6 +61,9 @@ class TrainerConfig:
     precision: str = "auto"
     eval_chunk_rays: int = 4096  # rays rendered at once in validation / test
     test_at_end: bool = True  # --train ends with the test stage (renders, metrics, video, mesh)
+    # also write a checkpoint to <trial>/curve/ when the command's wall clock (from process start,
+    # minus the time spent writing these) passes each of these seconds (scripts/curve.py)
+    checkpoint_at_seconds: List[float] = field(default_factory=list)
     n_test_traj_steps: int = 60  # frames of the orbit video
     test_traj_downscale: float = 1.0  # render the orbit video at 1/this of the image size
 
@@ -71,6 +77,12 @@ class ExportConfig:
     largest_component: bool = True  # keep only the largest connected piece
     cull_with_masks: bool = False  # drop faces that project outside the (dilated) masks
     fscore_threshold: float = 0.01  # F-score distance, in units of the normalised (unit-sphere) radius
+    # the object without its support (utils/isolate.py): find the plane it stands on (all cameras
+    # above it, reaching the region's edge) and cut the surface `isolate_margin` above it (normalised
+    # units); what is cut goes to it<step>-mc<res>-removed.ply. On in the unmasked configs.
+    isolate: bool = False
+    isolate_margin: float = 0.02
+    isolate_tolerance: float = 0.01  # RANSAC inlier distance of the plane
 
 
 @dataclass
@@ -94,6 +106,38 @@ class RunPaths:
             logs_dir=logs_dir or os.path.join(trial_dir, "logs"),
             log_file=os.path.join(trial_dir, "train.log"),
         )
+
+
+class WallClockMarks:
+    """trainer.checkpoint_at_seconds: a checkpoint in <trial>/curve/ each time the command's
+    wall clock passes a mark, not counting the time spent writing them, and
+    <trial>/curve/marks.json listing {mark, seconds, step, path}. Rank 0's clock decides."""
+
+    def __init__(self, seconds: List[float], trial_dir: str):
+        self.pending = sorted(float(s) for s in seconds)
+        self.folder = os.path.join(trial_dir, "curve")
+        self.paused = 0.0  # seconds spent writing mark checkpoints
+        self.written: List[Dict[str, Any]] = []
+
+    def save_if_due(self, system: "BaseSystem") -> None:
+        if not self.pending:
+            return
+        elapsed = dist.broadcast_object(process_age() - self.paused)  # rank 0's clock
+        if elapsed < self.pending[0]:
+            return
+        started = time.perf_counter()
+        mark = self.pending.pop(0)
+        while self.pending and elapsed >= self.pending[0]:  # a step longer than the gap: one file
+            self.pending.pop(0)
+        if dist.is_main():
+            os.makedirs(self.folder, exist_ok=True)
+        path = system.save(os.path.join(self.folder, checkpoint_name(system.global_step)))
+        if dist.is_main():
+            self.written.append({"mark": mark, "seconds": round(elapsed, 2), "step": system.global_step,
+                                 "path": os.path.abspath(path)})
+            with open(os.path.join(self.folder, "marks.json"), "w") as f:
+                json.dump(self.written, f, indent=1)
+        self.paused += time.perf_counter() - started
 
 
 class TrainingInterrupted(Exception):
@@ -195,6 +239,7 @@ class BaseSystem(Configurable):
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, dynamic_ncols=True, desc="train", mininterval=1.0,
                    disable=not dist.is_main())
         window: List[Dict[str, float]] = []
+        marks = WallClockMarks(cfg.checkpoint_at_seconds, self.paths.trial_dir)
         while self.global_step < cfg.max_steps:
             start = time.perf_counter()
             stats = self.train_step(self.global_step)
@@ -218,6 +263,7 @@ class BaseSystem(Configurable):
                 self.validate()  # every rank renders its share; rank 0 writes
             if cfg.ckpt_every > 0 and self.global_step % cfg.ckpt_every == 0:
                 self.save()
+            marks.save_if_due(self)
             stop_signal = self.agreed_stop_signal()
             if stop_signal:
                 bar.close()
@@ -328,10 +374,11 @@ class BaseSystem(Configurable):
     def checkpoint_path(self, step: int) -> str:
         return os.path.join(self.paths.ckpt_dir, checkpoint_name(step))
 
-    def save(self) -> str:
-        """Write the checkpoint of this step (rank 0; every rank must call it, as it gathers the
-        ranks' random-number states and waits until the file is there) -> its path."""
-        path = self.checkpoint_path(self.global_step)
+    def save(self, path: Optional[str] = None) -> str:
+        """Write the checkpoint of this step to `path` (default: ckpt/ckpt_<step>.pth) (rank 0;
+        every rank must call it, as it gathers the ranks' random-number states and waits until
+        the file is there) -> its path."""
+        path = path or self.checkpoint_path(self.global_step)
         rng_per_rank = dist.gather_objects(get_rng_state())
         if dist.is_main():
             state = {

@@ -32,6 +32,7 @@ from utils.mesh import (
 )
 from utils import distributed as dist
 from utils.camera import downscale_matrix, orbit_poses
+from utils.isolate import find_support_plane, split_at_plane
 from utils.metrics import mesh_metrics, psnr, ssim
 from utils.misc import map_in_chunks
 from utils.visualize import depth_image, normal_image, save_image, to_uint8
@@ -98,12 +99,13 @@ class NeuSSystem(BaseSystem):
         self.optimizer.zero_grad(set_to_none=True)
         non_finite = [k for k, v in losses.items() if k != "total" and not torch.isfinite(v)]
         n_rays, n_samples = batch["rays_o"].shape[0], out["n_samples"]
+        n_bg_samples = out["background"]["n_samples"] if "background" in out else 0
         if dist.world_size() > 1:
             # one all-reduce: ranks with a non-finite loss, and the step's rays and samples
-            bad_ranks, n_rays, n_samples = dist.all_reduce_sum(
-                torch.tensor([float(bool(non_finite)), n_rays, n_samples], dtype=torch.float64)
+            bad_ranks, n_rays, n_samples, n_bg_samples = dist.all_reduce_sum(
+                torch.tensor([float(bool(non_finite)), n_rays, n_samples, n_bg_samples], dtype=torch.float64)
             ).tolist()
-            n_rays, n_samples = int(n_rays), int(n_samples)
+            n_rays, n_samples, n_bg_samples = int(n_rays), int(n_samples), int(n_bg_samples)
             if bad_ranks and not non_finite:
                 non_finite.append("loss on another rank")
             losses = with_sample_weight(losses, dist.world_size() * out["n_samples"] / max(n_samples, 1))
@@ -115,7 +117,7 @@ class NeuSSystem(BaseSystem):
                 non_finite.append("gradient")
         if not non_finite:
             self.scaler.step(self.optimizer)
-            self.update_ray_count(n_rays, n_samples)
+            self.update_ray_count(n_rays, n_samples, n_bg_samples)
         scaler_backoff = False
         if backward:  # fp16-mixed: grows the loss scale, or halves it after a non-finite gradient
             self.scaler.update()
@@ -141,14 +143,14 @@ class NeuSSystem(BaseSystem):
             stats["loss_scale"] = self.scaler.get_scale()
         return stats
 
-    def update_ray_count(self, n_rays: int, n_samples: int) -> None:
-        """Scale the next step's rays (all ranks together) so that they hold about
-        num_samples_per_step samples; n_rays, n_samples: this step's, over all ranks."""
+    def update_ray_count(self, n_rays: int, n_samples: int, n_bg_samples: int = 0) -> None:
+        """The next step's rays (all ranks together): next_ray_count over this step's rays,
+        foreground and background samples (over all ranks)."""
         cfg = self.trainer_config
         if not cfg.dynamic_ray_sampling:
             return
-        wanted = n_rays * cfg.num_samples_per_step / max(n_samples, 1)
-        self.train_num_rays = int(min(max(wanted, 64), cfg.max_train_num_rays))
+        self.train_num_rays = next_ray_count(n_rays, n_samples, n_bg_samples, cfg.num_samples_per_step,
+                                             cfg.background_sample_cost, cfg.max_train_num_rays)
 
     # --- evaluation ---------------------------------------------------------------------
     # Under torchrun every rank renders: the test views and the orbit frames are shared out in
@@ -343,6 +345,9 @@ class NeuSSystem(BaseSystem):
         if not dist.is_main():
             return []
         vertices, faces = surface
+        removed = None
+        if cfg.isolate:
+            faces, removed = self.isolate_object(vertices, faces)
         if cfg.largest_component:
             faces = largest_component(faces)
         vertices, faces = remove_unused_vertices(vertices, faces)
@@ -356,7 +361,26 @@ class NeuSSystem(BaseSystem):
         stem = os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-mc{cfg.mesh_resolution}")
         paths = save_mesh(stem, vertices_world, faces, colors, list(cfg.formats))
         log.info("mesh: %d vertices, %d faces -> %s", len(vertices_world), len(faces), ", ".join(paths))
+        if removed is not None and len(removed):
+            removed_world, removed = remove_unused_vertices(to_world(surface[0], self.dataset.views.scale_mat), removed)
+            removed_path = save_mesh(f"{stem}-removed", removed_world, removed, None, ["ply"])[0]
+            log.info("isolate: the cut-off support and pieces (%d faces) -> %s", len(removed), removed_path)
         return paths
+
+    def isolate_object(self, vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """export.isolate: the faces of the object above its supporting plane and the faces cut
+        off (None when no support plane is found: the surface is kept whole)."""
+        cfg = self.full_config.export
+        centres = self.dataset.views.c2w[:, :3, 3]  # [N, 3] normalised frame
+        plane = find_support_plane(vertices, faces, centres, self.model.config.radius, cfg.isolate_tolerance)
+        if plane is None:
+            log.info("isolate: no supporting plane under the object (cameras on one side, reaching the region's "
+                     "edge); the mesh is kept whole")
+            return faces, None
+        kept, removed = split_at_plane(vertices, faces, plane, cfg.isolate_margin)
+        log.info("isolate: support plane n=(%.3f, %.3f, %.3f) d=%.3f carries %.0f%% of the surface; kept %d of %d "
+                 "faces", *plane.normal, plane.offset, 100 * plane.area_share, len(kept), len(faces))
+        return kept, removed
 
     def surface(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         """utils.mesh.extract_surface's coarse-then-fine marching cubes, each SDF grid's x-planes
@@ -391,6 +415,18 @@ class NeuSSystem(BaseSystem):
         self.optimizer.load_state_dict(state["optimizer"])
         fit_state_to_parameter_shapes(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def next_ray_count(n_rays: int, n_samples: int, n_bg_samples: int, budget: int, bg_cost: float,
+                   max_rays: int, min_rays: int = 64) -> int:
+    """The ray count whose step costs about `budget` foreground samples, from this step's:
+    cost = n_samples + bg_cost * n_bg_samples (a background sample costs bg_cost of a
+    foreground one: no SDF gradient, no eikonal double backward, a smaller grid), and
+    rays = n_rays * budget / cost, clamped to [min_rays, max_rays]. Without the background
+    term an unmasked run whose foreground samples per ray fall would buy ever more rays, each
+    paying for all its background samples: its steps grew from 0.3 s to 1 s."""
+    cost = n_samples + bg_cost * n_bg_samples
+    return int(min(max(n_rays * budget / max(cost, 1.0), min_rays), max_rays))
 
 
 def image_metrics(images: Dict[str, torch.Tensor], has_masks: bool) -> Dict[str, float]:
