@@ -151,7 +151,7 @@ def masks_from_alpha(image_dir: str, names: List[str], work_dir: str) -> Optiona
     if not any(with_alpha):
         return None
     alphas = [read_photo(os.path.join(image_dir, name))[1] if has else None for name, has in zip(names, with_alpha)]
-    if alpha_masks([os.path.join(image_dir, n) for n in names], alphas) is None:
+    if alpha_masks([os.path.join(image_dir, n) for n in names], alphas, USER_MASKS + "/") is None:
         return None  # every alpha channel fully opaque: no mask in them
     out_dir = os.path.join(work_dir, ALPHA_MASKS)
     os.makedirs(out_dir, exist_ok=True)

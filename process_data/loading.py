@@ -200,7 +200,9 @@ def match_masks(image_paths: Sequence[str], mask_dir: str, image_dir: str) -> Li
     )
 
 
-def alpha_masks(image_paths: Sequence[str], alphas: Sequence[Optional[np.ndarray]]) -> Optional[List[np.ndarray]]:
+def alpha_masks(
+    image_paths: Sequence[str], alphas: Sequence[Optional[np.ndarray]], mask_folder: str = "mask/"
+) -> Optional[List[np.ndarray]]:
     """The images' alpha channels as masks, or None when no image has a (not fully opaque) one.
     Refused when some images have one and others do not (naming one of each)."""
     with_alpha = [a is not None and (a < ALPHA_OPAQUE).any() for a in alphas]
@@ -211,7 +213,7 @@ def alpha_masks(image_paths: Sequence[str], alphas: Sequence[Optional[np.ndarray
         first_without = image_paths[with_alpha.index(False)]
         raise DatasetError(
             f"image {first_with} has a transparent background (an alpha mask) but {first_without} has none: "
-            "give every image an alpha channel, or put the masks in a mask/ folder"
+            f"give every image an alpha channel, or put the masks in a {mask_folder} folder"
         )
     return list(alphas)
 
