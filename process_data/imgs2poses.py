@@ -1,13 +1,17 @@
 """Camera poses for a folder of photos: structure from motion with pycolmap (COLMAP as a
 PyPI wheel, no system COLMAP needed), then undistortion to a pinhole camera.
 
-Reads DIR/images/*.jpg|png (your photos, left untouched); writes
+Reads DIR/images/*.jpg|jpeg|png in any letter case, 8 or 16 bits, gray, RGB or RGBA (your photos,
+left untouched; process_data/loading.py says what is accepted), and DIR/masks/ (the mask of
+photos/0001.jpg may be masks/0001.png, 1.png, 0001.jpg.png...); writes
 
     DIR/colmap/database.db      SIFT features and geometrically verified matches
     DIR/colmap/images_upright/  when a photo carries an EXIF rotation (phones): all photos, that
                                 one turned upright, for COLMAP (which ignores the EXIF tag)
     DIR/colmap/masks/           when DIR/masks/ is present: your masks, binarised and named as
                                 COLMAP wants them (NAME.png), to keep SIFT features on the object
+    DIR/colmap/masks_from_alpha/  without DIR/masks/, when the photos are cut-outs with alpha
+                                channels: the alphas as masks (NAME.png), used as DIR/masks/ would be
     DIR/colmap/sparse/0/        the model as mapped: one shared camera with lens distortion
     DIR/sparse/0/               the UNDISTORTED model: one PINHOLE camera, the poses of the
                                 registered photos, the sparse points (cameras/images/points3D.bin)
