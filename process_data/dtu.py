@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from process_data.base import DatasetConfig, RayDataset, Views, resolve_gt_mesh
-from process_data.loading import (  # noqa: F401  (DatasetError, decompose_projection, list_images: old import path)
+from process_data.loading import (
     MIN_VIEWS, DatasetError, alpha_masks, binary_mask, check_enough_views, check_same_size, decompose_projection,
     downscaled_size, list_images, match_masks, read_mask, read_photo, resize, size_of,
 )

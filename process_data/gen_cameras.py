@@ -68,7 +68,7 @@ def write_views(scene_dir: str, model: SparseModel, image_dir: str, mask_dir) ->
             os.remove(stale)
     full = np.full((model.height, model.width), 255, np.uint8)
     for i, name in enumerate(tqdm(model.names, desc="writing image/ and mask/", unit="view")):
-        image = read_photo(os.path.join(image_dir, name))[0][:, :, ::-1]  # 8-bit BGR, whatever the photo was
+        image = np.ascontiguousarray(read_photo(os.path.join(image_dir, name))[0][:, :, ::-1])  # 8-bit BGR, whatever the photo was
         if (image.shape[1], image.shape[0]) != (model.width, model.height):
             raise DatasetError(
                 f"{os.path.join(image_dir, name)} is {image.shape[1]}x{image.shape[0]} but the COLMAP camera is "

@@ -56,7 +56,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from process_data.colmap import SPARSE_MODEL, import_pycolmap, mask_path
-from process_data.loading import MIN_VIEWS, DatasetError, alpha_masks, list_images, read_photo
+from process_data.loading import MIN_VIEWS, DatasetError, alpha_masks, has_alpha, list_images, read_photo
 from process_data.loading import read_mask as read_mask_file
 
 pycolmap = import_pycolmap()
@@ -140,7 +140,6 @@ def read_mask(path: str, name: str, width: int, height: int) -> np.ndarray:
 
 
 ALPHA_MASKS = "masks_from_alpha"
-ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")  # PIL modes of photos with an alpha channel
 
 
 def masks_from_alpha(image_dir: str, names: List[str], work_dir: str) -> Optional[str]:
@@ -148,10 +147,7 @@ def masks_from_alpha(image_dir: str, names: List[str], work_dir: str) -> Optiona
     and there is no masks/ folder: their alphas as masks in work_dir/masks_from_alpha/NAME.png
     (the folder), used as the user's masks would be; None when no photo has a useful alpha.
     Refused when some photos have one and others do not."""
-    with_alpha = []
-    for name in names:
-        with Image.open(os.path.join(image_dir, name)) as image:
-            with_alpha.append(image.mode in ALPHA_MODES or "transparency" in image.info)
+    with_alpha = [has_alpha(os.path.join(image_dir, name)) for name in names]
     if not any(with_alpha):
         return None
     alphas = [read_photo(os.path.join(image_dir, name))[1] if has else None for name, has in zip(names, with_alpha)]

@@ -8,7 +8,7 @@ What a photo may be (read_photo):
     grayscale (expanded to 3 channels), RGB, gray + alpha or RGBA (the alpha is returned apart:
     a loader may use it as the mask). JPEGs are read upright after their EXIF rotation.
 What a mask may be (read_mask): the same files, 1 or 3 channels (or 4: the alpha also counts);
-    the object is where the brightest channel is above half (127 of 255), and opaque.
+    the object is where its luminance is above half (127 of 255), and opaque.
 Which mask belongs to which image (find_mask / match_masks): the same name, or a name that
     differs only in its extension or in the zero-padding of a number (image/0001.jpg with
     mask/1.png, image/000001.png with mask/000001.jpg, photo.jpg with photo.jpg.png).
@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,26 @@ def read_photo(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
 
 def read_mask(path: str) -> np.ndarray:
     """A mask file (1, 3 or 4 channels, 8 or 16 bits, PNG or JPEG) -> [H, W] uint8, the
-    object bright: the brightest colour channel, times the alpha where there is one (a
+    object bright: its luminance as OpenCV reads it in grayscale (IMREAD_GRAYSCALE, as the
+    loaders always did: bit for bit the same masks), times the alpha where there is one (a
     transparent pixel is not the object)."""
-    image = _channels(_to_8bit(_decode(path, "mask"), path, "mask"), path, "mask")
-    value = image[:, :, :3].max(axis=2) if image.shape[2] >= 3 else image[:, :, 0]
-    if image.shape[2] == 4:
-        value = np.minimum(value, image[:, :, 3])
-    return np.ascontiguousarray(value)
+    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise DatasetError(f"cannot read mask {path} (missing, corrupt or not an image): replace or remove it")
+    if not _is_jpeg(path) and has_alpha(path):
+        alpha = _channels(_to_8bit(_decode(path, "mask"), path, "mask"), path, "mask")
+        if alpha.shape[2] == 4:
+            mask = np.minimum(mask, alpha[:, :, 3])
+    return mask
+
+
+def has_alpha(path: str) -> bool:
+    """Whether the file has an alpha channel, from its header (no decoding)."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+    except (OSError, ValueError):
+        return False
 
 
 def size_of(image: np.ndarray) -> Tuple[int, int]:
