@@ -1,7 +1,7 @@
 """Reading a scene's files as users have them, shared by every loader and the command-line
 tools (imgs2poses, gen_cameras, scripts/): DatasetError, image and mask reading, mask lookup,
 size checks. It imports numpy, OpenCV and Pillow (for headers) only: no torch, nothing from
-the rest of the framework (a leaf, which base.py and every loader build on).
+the rest of the framework (a leaf: the loaders and the tools build on it).
 
 What a photo may be (read_photo):
     .png .jpg .jpeg in any letter case; 8- or 16-bit (16-bit scaled to 8: round(v * 255 / 65535));
