@@ -21,7 +21,7 @@ import ctypes.util
 import math
 import struct
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Literal, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -360,7 +360,7 @@ class HashGrid(Configurable, nn.Module):
         log2_hashmap_size: int = 19
         base_resolution: int = 16
         per_level_scale: float = 1.447269237440378
-        backend: str = "auto"  # auto | torch | tcnn
+        backend: Literal["auto", "torch", "tcnn"] = "auto"  # tcnn: CUDA
         compile: bool = False  # torch backend: run its kernels through torch.compile (several times faster)
         # progressive band mask: start_level active levels, one more every update_steps after start_step
         start_level: int = 4

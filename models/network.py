@@ -1,7 +1,7 @@
 """The networks of a NeuS model: SDF (geometry), colour (texture) and variance."""
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +56,11 @@ class SDFNetwork(nn.Module):
         sphere_init_radius: float = 0.5
         weight_norm: bool = True
         softplus_beta: float = 100.0
-        grad_type: str = "analytic"  # analytic | finite_difference
+        grad_type: Literal["analytic", "finite_difference"] = "analytic"
         finite_difference_eps: float = 1e-3  # in normalised units (the scene lies in the unit sphere)
 
     def __init__(self, config: "SDFNetwork.Config", radius: float, device: str = "cpu"):
         super().__init__()
-        if config.grad_type not in ("analytic", "finite_difference"):
-            raise ValueError(f"grad_type must be analytic or finite_difference, got '{config.grad_type}'")
         self.config = config
         self.radius = radius
         self.encoding = get_encoding(config.xyz_encoding, 3, device)

@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Literal, Optional, Tuple
 
 import nerfacc
 import torch
@@ -90,7 +90,7 @@ class OccupancyGrid(Configurable, nn.Module):
         # cells deeper than this inside the surface (sdf < -shell_width) count as empty, so rays
         # skip the interior (only reached through an opaque surface); 0 keeps them occupied
         shell_width: float = 0.0
-        backend: str = "auto"  # auto | torch | nerfacc (CUDA)
+        backend: Literal["auto", "torch", "nerfacc"] = "auto"  # nerfacc: CUDA
 
     def __init__(self, config: "OccupancyGrid.Config", radius: float, device: str = "cpu"):
         super().__init__()

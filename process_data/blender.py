@@ -30,7 +30,7 @@ from process_data.colmap import scale_matrix
 from process_data.dtu import DatasetError, downscaled_size
 from process_data.registry import DATASETS
 from utils.camera import downscale_matrix
-from utils.config import Configurable
+from utils.config import BackgroundColor, Configurable
 
 OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0])  # flips the camera's y and z axes
 
@@ -162,7 +162,7 @@ class BlenderDataset(Configurable, RayDataset):
         region_center: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # Blender frame
         region_radius: float = 1.5  # the object lies within this radius of region_center
         apply_mask: bool = True  # composite onto background_color by alpha per ray; false: onto white at load
-        background_color: str = "white"  # white (nerf_synthetic's) | black | random (a colour per ray)
+        background_color: BackgroundColor = "white"  # white (nerf_synthetic's) | black | random (a colour per ray)
         gt_mesh: str = ""  # ground-truth mesh in the Blender frame, if any
 
     def __init__(self, config: "BlenderDataset.Config", device="cpu"):

@@ -26,7 +26,7 @@ from process_data.base import RayDataset, Views
 from process_data.dtu import DatasetError, downscaled_size, read_image
 from process_data.registry import DATASETS
 from utils.camera import axes_meeting_point, downscale_matrix
-from utils.config import Configurable
+from utils.config import BackgroundColor, Configurable
 
 SPARSE_MODEL = os.path.join("sparse", "0")
 IMAGE_DIRS = ("images_undistorted", "images")
@@ -255,7 +255,7 @@ class ColmapDataset(Configurable, RayDataset):
         region_margin: float = 1.1  # automatic region: radius of the well-seen sparse points times this
         use_masks: bool = True  # load masks_undistorted/ (or masks/) when present
         apply_mask: bool = False  # true: train on the masked object (needs masks)
-        background_color: str = "random"  # random | white | black
+        background_color: BackgroundColor = "random"  # random | white | black
         holdout_every: int = 8  # views 0, K, 2K... are held out for testing; 0: none
         gt_mesh: str = ""  # ground-truth mesh in the COLMAP world frame, if any
 

@@ -18,7 +18,7 @@ from process_data.base import RayDataset, Views
 from process_data.registry import DATASETS
 from utils.camera import downscale_matrix
 from utils.distributed import is_main
-from utils.config import Configurable
+from utils.config import BackgroundColor, Configurable
 
 IMAGE_EXTENSIONS = ("*.png", "*.jpg", "*.jpeg", "*.PNG", "*.JPG", "*.JPEG")
 
@@ -151,7 +151,7 @@ class DTUDataset(Configurable, RayDataset):
         img_downscale: float = 4.0  # 4: 1600x1200 -> 400x300
         use_masks: bool = True  # load mask/ when present (mask loss, masked metrics, culling)
         apply_mask: bool = True  # replace the pixels outside the mask with the background colour
-        background_color: str = "random"  # random (training; white for evaluation) | white | black
+        background_color: BackgroundColor = "random"  # random (training; white for evaluation) | white | black
         holdout_every: int = 8  # views 0, K, 2K... are held out for testing; 0: none
         gt_mesh: str = ""  # ground-truth mesh in the world frame (default: <root_dir>/gt_mesh.ply if present)
 

@@ -28,7 +28,7 @@ from utils.checkpoint import (
     step_of,
 )
 from utils import distributed as dist
-from utils.config import Configurable, to_primitive
+from utils.config import Configurable, MeshFormat, Precision, to_primitive
 from utils.logger import NullWriter
 from utils.misc import get_rng_state, seed_everything, set_rng_state
 
@@ -55,7 +55,7 @@ class TrainerConfig:
     max_rollbacks: int = 3
     # auto: fp16-mixed on CUDA (float16 autocast around the model's forward, a grad scaler whose
     # skipped steps count as non-finite ones), fp32 on CPU; or fp16-mixed | fp32 explicitly
-    precision: str = "auto"
+    precision: Precision = "auto"
     eval_chunk_rays: int = 4096  # rays rendered at once in validation / test
     test_at_end: bool = True  # --train ends with the test stage (renders, metrics, video, mesh)
     n_test_traj_steps: int = 60  # frames of the orbit video
@@ -67,7 +67,7 @@ class ExportConfig:
     mesh_resolution: int = 512  # marching cubes grid (fine pass) over the object region
     mesh_threshold: float = 0.0  # iso-level of the SDF
     mesh_chunk: int = 65536  # points per SDF evaluation
-    formats: List[str] = field(default_factory=lambda: ["ply"])  # any of ply, obj, stl
+    formats: List[MeshFormat] = field(default_factory=lambda: ["ply"])
     largest_component: bool = True  # keep only the largest connected piece
     cull_with_masks: bool = False  # drop faces that project outside the (dilated) masks
     fscore_threshold: float = 0.01  # F-score distance, in units of the normalised (unit-sphere) radius

@@ -67,8 +67,8 @@ REFUSED = {
                 ["config error:", "model.sampler.backend", "'nerfacc'", "device is cpu", "set backend: torch"]),
     "fp16": (["trainer.precision=fp16-mixed"], ["config error:", "trainer.precision", "needs CUDA", "auto or fp32"]),
     "cuda_device": (["device=cuda"], ["config error:", "CUDA is not available", "device=auto or cpu"]),
-    "typo": (["model.sampler.backend=nerfac"], ["config error:", "model.sampler.backend", "auto, torch or nerfacc"]),
-    "bad_precision": (["trainer.precision=half"], ["config error:", "trainer.precision", "auto, fp16-mixed, fp32"]),
+    "typo": (["model.sampler.backend=nerfac"], ["config error:", "model.sampler.backend", "['auto', 'torch', 'nerfacc']"]),
+    "bad_precision": (["trainer.precision=half"], ["config error:", "trainer.precision", "['auto', 'fp16-mixed', 'fp32']"]),
 }
 
 

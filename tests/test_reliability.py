@@ -165,6 +165,24 @@ def test_bad_config_and_resume_are_refused(args, expected, scene, tmp_path, caps
     assert_refused_at_start_up(code, err, expected, outputs)
 
 
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("dataset.background_color=blue", ["dataset.background_color", "'blue'", "['random', 'white', 'black']"]),
+        ("model.geometry.grad_type=fd", ["model.geometry.grad_type", "'fd'", "['analytic', 'finite_difference']"]),
+        ("export.formats=[ply,gltf]", ["export.formats[1]", "'gltf'", "['ply', 'obj', 'stl']"]),
+    ],
+)
+@pytest.mark.parametrize("mode", ["--train", "--mesh"])
+def test_bad_string_choices_fail_at_load_naming_the_valid_values(override, expected, mode, tmp_path, capsys):
+    """Checked when the config loads: before the data is read (the missing root_dir is not what
+    is reported), before a checkpoint is looked for, with one line naming key and choices."""
+    outputs = tmp_path / "outputs"
+    code, err = run_main(capsys, mode, "--outputs_dir", str(outputs), f"dataset.root_dir={tmp_path / 'missing'}",
+                         *TINY, override)
+    assert_refused_at_start_up(code, err, ["config error: bad value for config key", *expected], outputs)
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 def test_truncated_checkpoint_is_named_and_the_trial_falls_back(tmp_path):
     ckpt_dir = tmp_path / "trial" / "ckpt"

@@ -13,7 +13,7 @@ at load with the valid keys listed, instead of deep inside a model twenty minute
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Type
+from typing import Any, Dict, List, Literal, Sequence, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -39,6 +39,12 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+# String choices shared by several components. OmegaConf checks a Literal field at load and
+# names the valid values, so a typo stops the run before anything is built.
+BackgroundColor = Literal["random", "white", "black"]
+Precision = Literal["auto", "fp16-mixed", "fp32"]
+MeshFormat = Literal["ply", "obj", "stl"]
 
 
 @dataclass
@@ -76,7 +82,8 @@ def parse_structured(schema: Type, raw: Any, path: str) -> DictConfig:
         ) from None
     except ValidationError as e:
         key = f"{path}.{e.full_key}" if path else str(e.full_key)
-        raise ConfigError(f"bad value for config key '{key}': {e.msg}") from None
+        reason = str(e.msg).strip().splitlines()[0]  # OmegaConf appends full_key / object_type lines
+        raise ConfigError(f"bad value for config key '{key}': {reason}") from None
 
 
 def _schema_at(schema: Type, keys: Sequence[str]) -> Type:
