@@ -77,8 +77,8 @@ def run_command(argv=None) -> int:
     args, overrides = parse_args(argv)
     from models.occupancy import NERFACC_FIRST_USE
     from process_data.dtu import DatasetError
-    from systems import SYSTEMS, RunPaths
-    from systems.base import TrainingDiverged, TrainingInterrupted
+    from systems import RunPaths, Trainer
+    from systems.trainer import TrainingDiverged, TrainingInterrupted
     from utils.checkpoint import CheckpointError, resolve_resume
     from utils import distributed as dist
     from utils.config import ConfigError, load_config, load_yaml_chain, parse_overrides
@@ -110,7 +110,7 @@ def run_command(argv=None) -> int:
         logs_dir = os.path.join(args.logs_dir, config.name, os.path.basename(trial_dir)) if args.logs_dir else None
         paths = RunPaths.for_trial(trial_dir, logs_dir)
         seed_everything(config.seed)  # the same initial parameters on every rank
-        system = SYSTEMS.get(config.system.name)(config, paths, device)
+        system = Trainer(config, paths, device)
         if checkpoint is not None:
             system.load(checkpoint)
         elif dist.rank() > 0:  # each rank draws its own rays

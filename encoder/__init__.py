@@ -23,6 +23,6 @@ def parse_encoding_config(raw: Any, path: str) -> DictConfig:
     return cls.parse_config(raw, path)
 
 
-def get_encoding(config: DictConfig, in_channels: int = 3, device: str = "cpu") -> nn.Module:
-    """The encoding `config.otype` names; `device` is where it will run (backends choose by it)."""
-    return ENCODINGS.get(config.otype)(config, in_channels, device)
+def get_encoding(config: DictConfig, in_channels: int = 3) -> nn.Module:
+    """The encoding `config.otype` names, on the backend its config holds (resolved at start-up)."""
+    return ENCODINGS.get(config.otype)(config, in_channels)

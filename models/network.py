@@ -59,11 +59,11 @@ class SDFNetwork(nn.Module):
         grad_type: Literal["analytic", "finite_difference"] = "analytic"
         finite_difference_eps: float = 1e-3  # in normalised units (the scene lies in the unit sphere)
 
-    def __init__(self, config: "SDFNetwork.Config", radius: float, device: str = "cpu"):
+    def __init__(self, config: "SDFNetwork.Config", radius: float):
         super().__init__()
         self.config = config
         self.radius = radius
-        self.encoding = get_encoding(config.xyz_encoding, 3, device)
+        self.encoding = get_encoding(config.xyz_encoding, 3)
         n_xyz = 3 if config.include_xyz else 0
         dims = [n_xyz + self.encoding.n_output_dims] + [config.n_neurons] * config.n_hidden_layers
         dims.append(1 + config.feature_dim)
@@ -130,9 +130,9 @@ class ColorNetwork(nn.Module):
         n_neurons: int = 64
         n_hidden_layers: int = 2
 
-    def __init__(self, config: "ColorNetwork.Config", feature_dim: int, device: str = "cpu"):
+    def __init__(self, config: "ColorNetwork.Config", feature_dim: int):
         super().__init__()
-        self.dir_encoding = get_encoding(config.dir_encoding, 3, device)
+        self.dir_encoding = get_encoding(config.dir_encoding, 3)
         dims = [feature_dim + self.dir_encoding.n_output_dims + 3]
         dims += [config.n_neurons] * config.n_hidden_layers + [3]
         self.mlp = make_mlp(dims, nn.ReLU(inplace=True), use_weight_norm=True, output_activation=nn.Sigmoid())

@@ -53,16 +53,18 @@ class NeuSModel(Configurable, nn.Module):
             config.background[key] = parse_encoding_config(config.background[key], f"{path}.background.{key}")
         return config
 
-    def __init__(self, config: "NeuSModel.Config", device: str = "cpu"):
+    def __init__(self, config: "NeuSModel.Config"):
+        """`config` with its backends resolved (systems/backends.py: with_backends); `auto` left
+        in it builds the torch reference."""
         super().__init__()
         self.config = config
-        self.geometry = SDFNetwork(config.geometry, config.radius, device)
-        self.texture = ColorNetwork(config.texture, config.geometry.feature_dim, device)
+        self.geometry = SDFNetwork(config.geometry, config.radius)
+        self.texture = ColorNetwork(config.texture, config.geometry.feature_dim)
         self.variance = VarianceNetwork(config.variance)
-        self.occupancy = OccupancyGrid(config.sampler, config.radius, device)
+        self.occupancy = OccupancyGrid(config.sampler, config.radius)
         # packed weights and accumulation: nerfacc's kernels where it samples (CUDA), else torch
         self.packed = packed_ops(self.occupancy.backend)
-        self.background = BackgroundField(config.background, config.radius, device) if config.background.enabled else None
+        self.background = BackgroundField(config.background, config.radius) if config.background.enabled else None
         # state of the schedules, saved with the model so that renders after a reload match
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0))
 
@@ -84,19 +86,12 @@ class NeuSModel(Configurable, nn.Module):
         if self.background is not None:
             self.background.set_step(global_step)
 
-    def update_occupancy(self, global_step: int) -> None:
-        """The occupancy grids' periodic EMA updates (training only)."""
-        self.occupancy.update(global_step, self.occupancy_alpha)
+    def update_occupancy(self, global_step: int) -> List[torch.Tensor]:
+        """The occupancy grids' periodic EMA updates (training only) -> the tensors they changed."""
+        changed = self.occupancy.update(global_step, self.occupancy_alpha)
         if self.background is not None:
-            self.background.update_occupancy(global_step)
-
-    def occupancy_state_updated_at(self, global_step: int) -> List[torch.Tensor]:
-        """The grid tensors (EMA occupancies, binaries) that update_occupancy(global_step)
-        changes: nerfacc updates a grid when step % update_every == 0."""
-        grids = [(self.occupancy.estimator, self.config.sampler.update_every)]
-        if self.background is not None:
-            grids.append((self.background.estimator, self.config.background.update_every))
-        return [t for grid, every in grids if global_step % every == 0 for t in (grid.occs, grid.binaries)]
+            changed += self.background.update_occupancy(global_step)
+        return changed
 
     @torch.no_grad()
     def occupancy_alpha(self, x: torch.Tensor) -> torch.Tensor:

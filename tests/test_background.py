@@ -177,7 +177,7 @@ def test_background_samples_skip_empty_cells():
 def build_unmasked(dtu_root, trial_dir, *overrides):
     config = load_config(NO_MASK_CONFIG, [f"dataset.root_dir={dtu_root}", *SMALL, *SMALL_BACKGROUND, *overrides])
     seed_everything(config.seed)
-    return systems.SYSTEMS.get(config.system.name)(config, systems.RunPaths.for_trial(str(trial_dir)),
+    return systems.Trainer(config, systems.RunPaths.for_trial(str(trial_dir)),
                                                    torch.device("cpu"))
 
 
@@ -199,11 +199,10 @@ def test_short_unmasked_run_lowers_the_loss(cached_scene, tmp_path):
     """60 steps without masks (mask loss off, pixels as photographed), distortion on: the loss
     falls and the background model renders the table and walls around the object."""
     system = build_unmasked(cached_scene, tmp_path, "system.scheduler.warmup_steps=10")
-    assert system.config.loss.lambda_mask == 0 and not system.full_config.dataset.apply_mask
+    assert system.task.config.loss.lambda_mask == 0 and not system.full_config.dataset.apply_mask
     losses, bg_samples = [], []
     for _ in range(60):
-        stats = system.train_step(system.global_step)
-        system.global_step += 1
+        stats = system.step().stats
         losses.append(stats["loss"])
         bg_samples.append(stats["bg_samples_per_ray"])
     assert all(np.isfinite(losses))

@@ -18,7 +18,7 @@ import run
 import systems
 import systems.neus
 from process_data.synthetic import make_demo_scene
-from systems.base import TrainingDiverged
+from systems.trainer import TrainingDiverged
 from tests.conftest import ROOT
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from utils.config import load_config
@@ -68,7 +68,7 @@ def run_main(capsys, *args):
 def build_system(scene, trial_dir, *overrides):
     config = load_config(CPU_CONFIG, [f"dataset.root_dir={scene}", *TINY, *overrides])
     seed_everything(config.seed)
-    return systems.SYSTEMS.get(config.system.name)(config, systems.RunPaths.for_trial(str(trial_dir)),
+    return systems.Trainer(config, systems.RunPaths.for_trial(str(trial_dir)),
                                                    torch.device("cpu"))
 
 
@@ -293,18 +293,16 @@ def test_a_nan_step_is_skipped(scene, tmp_path, monkeypatch):
     system = build_system(scene, tmp_path)
     poison(monkeypatch, {3})
     for _ in range(3):
-        system.train_step(system.global_step)
-        system.global_step += 1
+        system.step()
     # everything but the step-driven state (occupancy grid, cos-anneal ratio)
     before = {k: v.clone() for k, v in system.model.state_dict().items()
               if "estimator" not in k and k != "cos_anneal_ratio"}
-    stats = system.train_step(system.global_step)
-    assert stats["skipped"] == 1.0 and "rgb_l1" in stats["non_finite"]
+    result = system.step()
+    assert result.skipped and "rgb_l1" in result.non_finite and system.skipped_steps == 1
     after = system.model.state_dict()
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
-    system.global_step += 1
-    assert system.train_step(system.global_step)["skipped"] == 0.0
+    assert not system.step().skipped and system.bad_steps_in_a_row == 0
 
 
 def test_persistent_nans_roll_back_with_a_lower_learning_rate(scene, tmp_path, monkeypatch):
@@ -335,7 +333,7 @@ def test_nans_that_never_stop_end_the_run_with_a_clear_error(scene, tmp_path, mo
 # --- memory ---------------------------------------------------------------------------------
 def test_out_of_memory_halves_the_chunk_and_retries(scene, tmp_path, monkeypatch):
     system = build_system(scene, tmp_path, "trainer.eval_chunk_rays=1000")
-    reference = system.render_view(0)
+    reference = system.task.evaluation.render_view(0)
     forward = system.model.forward
 
     def limited(rays_o, *args):
@@ -344,8 +342,8 @@ def test_out_of_memory_halves_the_chunk_and_retries(scene, tmp_path, monkeypatch
         return forward(rays_o, *args)
 
     monkeypatch.setattr(system.model, "forward", limited)
-    images = system.render_view(0)
-    assert system.eval_chunk_rays == 250
+    images = system.task.evaluation.render_view(0)
+    assert system.task.evaluation.eval_chunk_rays == 250
     for key in ("rgb", "opacity", "depth"):
         torch.testing.assert_close(images[key], reference[key], msg=key)
 
@@ -374,8 +372,7 @@ def test_same_seed_same_parameters_on_cpu(scene, tmp_path):
     for name in ("a", "b"):
         system = build_system(scene, tmp_path / name)
         for _ in range(8):
-            system.train_step(system.global_step)
-            system.global_step += 1
+            system.step()
         runs.append(system.model.state_dict())
     for key in runs[0]:
         torch.testing.assert_close(runs[0][key], runs[1][key], rtol=0, atol=0, msg=key)

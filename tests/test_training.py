@@ -39,18 +39,14 @@ def build_system(dtu_root, trial_dir, *overrides):
     """As run.py does: load the config, seed, build the system named by system.name."""
     config = load_config(CPU_CONFIG, [f"dataset.root_dir={dtu_root}", *SMALL, *overrides])
     seed_everything(config.seed)
-    return systems.SYSTEMS.get(config.system.name)(
+    return systems.Trainer(
         config, systems.RunPaths.for_trial(str(trial_dir)), torch.device("cpu")
     )
 
 
 def run_steps(system, n):
-    """What fit() does per step (without logging): train_step(global_step), then count it."""
-    losses = []
-    for _ in range(n):
-        losses.append(system.train_step(system.global_step)["loss"])
-        system.global_step += 1
-    return losses
+    """What fit() does per step (without logging, validation, checkpoints) -> the losses."""
+    return [system.step().stats["loss"] for _ in range(n)]
 
 
 def test_short_training_run_lowers_the_loss(cached_scene, tmp_path):
@@ -120,11 +116,11 @@ def test_renders_after_reload_match(cached_scene, tmp_path):
     rays = system.dataset.view_rays(0)
     pick = torch.arange(0, rays["rays_o"].shape[0], 97)
     rays = {k: v[pick] for k, v in rays.items()}
-    before = system.render_image(rays, 1, pick.shape[0])
+    before = system.task.evaluation.render_image(rays, 1, pick.shape[0])
     path = system.save()
     reloaded = build_system(cached_scene, tmp_path, "model.cos_anneal_steps=40")
     reloaded.load(path)
-    after = reloaded.render_image(rays, 1, pick.shape[0])
+    after = reloaded.task.evaluation.render_image(rays, 1, pick.shape[0])
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
 
