@@ -81,7 +81,8 @@ def run_command(argv=None) -> int:
     from systems.trainer import TrainingDiverged, TrainingInterrupted
     from utils.checkpoint import CheckpointError, resolve_resume
     from utils import distributed as dist
-    from utils.config import ConfigError, load_config, load_yaml_chain, parse_overrides
+    from systems.config import load_config
+    from utils.config import ConfigError, load_yaml_chain, parse_overrides
     from utils.logger import setup_logging
     from utils.misc import resolve_device, seed_everything
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from encoder import frequency, hashgrid, spherical  # noqa: F401  (they register themselves)
 from encoder.registry import ENCODINGS
-from utils.config import ConfigError
+from utils.config import ConfigError, component_field
 
 
 def parse_encoding_config(raw: Any, path: str) -> DictConfig:
@@ -21,6 +21,11 @@ def parse_encoding_config(raw: Any, path: str) -> DictConfig:
     except KeyError as e:
         raise ConfigError(f"{path}.otype: {e.args[0]}") from None
     return cls.parse_config(raw, path)
+
+
+def encoding_field(default: dict):
+    """A config field holding an encoding's config, validated by the class its `otype` names."""
+    return component_field(default, parse_encoding_config)
 
 
 def get_encoding(config: DictConfig, in_channels: int = 3) -> nn.Module:

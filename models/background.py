@@ -7,14 +7,14 @@ uniform in disparity (so spacing grows with distance), and are kept only in cell
 occupancy grid over the contracted cube [-2, 2]^3 (nerfacc's OccGridEstimator holds and
 updates it on every device; the marching itself is plain torch and cheap).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import nerfacc
 import torch
 from torch import nn
 
-from encoder import get_encoding
+from encoder import encoding_field, get_encoding
 from models.network import make_mlp
 from models.occupancy import update_estimator
 from models.rendering import density_alpha, visible_samples
@@ -91,13 +91,13 @@ class BackgroundField(Configurable, nn.Module):
     @dataclass
     class Config:
         enabled: bool = False
-        xyz_encoding: Any = field(
-            default_factory=lambda: {
+        xyz_encoding: Any = encoding_field(
+            {
                 "otype": "HashGrid", "n_levels": 8, "log2_hashmap_size": 16, "base_resolution": 16,
                 "per_level_scale": 1.5, "start_level": 8,
             }
         )
-        dir_encoding: Any = field(default_factory=lambda: {"otype": "SphericalHarmonics", "degree": 4})
+        dir_encoding: Any = encoding_field({"otype": "SphericalHarmonics", "degree": 4})
         n_neurons: int = 64
         feature_dim: int = 15
         color_hidden_layers: int = 2

@@ -1,6 +1,6 @@
 """The networks of a NeuS model: SDF (geometry), colour (texture) and variance."""
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Literal, Optional, Tuple
 
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from encoder import get_encoding
+from encoder import encoding_field, get_encoding
 
 
 def make_mlp(
@@ -48,7 +48,7 @@ class SDFNetwork(nn.Module):
 
     @dataclass
     class Config:
-        xyz_encoding: Any = field(default_factory=lambda: {"otype": "HashGrid"})
+        xyz_encoding: Any = encoding_field({"otype": "HashGrid"})
         include_xyz: bool = True
         n_neurons: int = 64
         n_hidden_layers: int = 1
@@ -126,7 +126,7 @@ class ColorNetwork(nn.Module):
 
     @dataclass
     class Config:
-        dir_encoding: Any = field(default_factory=lambda: {"otype": "SphericalHarmonics", "degree": 4})
+        dir_encoding: Any = encoding_field({"otype": "SphericalHarmonics", "degree": 4})
         n_neurons: int = 64
         n_hidden_layers: int = 2
 

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from systems import RunPaths, Trainer  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from systems.config import load_config  # noqa: E402
 from utils.misc import resolve_device, seed_everything  # noqa: E402
 
 

@@ -1,8 +1,11 @@
 """Evaluation of a trained model on its dataset: validation panels, held-out test views
-(PSNR/SSIM, metrics.json) and the orbit video. Every rank calls these (each renders a share:
-test views and orbit frames in turns, a validation view by rows of rays); rank 0 gathers the
-results and alone writes images, TensorBoard and metrics.json. No rank waits in a collective
-while another renders a whole test set.
+(PSNR/SSIM, metrics.json) and the orbit video.
+
+Rank-agnostic: every rank calls these, and each shares out its work through the one helper
+utils.distributed.map_in_turns (rank r takes items r, r + N, ...; rank 0 gathers the results
+and alone writes images, TensorBoard and metrics.json). The items are whole test views, whole
+orbit frames, or the N blocks of a validation view's rays. In one process it is a plain map.
+No rank waits in a collective while another renders a whole test set.
 """
 import json
 import logging
@@ -66,27 +69,15 @@ class Evaluation:
         parts, self.eval_chunk_rays = map_in_chunks(render, rays["rays_o"].shape[0], self.eval_chunk_rays, "rendering")
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def render_image(self, rays: Dict[str, torch.Tensor], height: int, width: int,
-                     shared: bool = False) -> Optional[Dict[str, torch.Tensor]]:
-        """Render H*W rays (row-major pixels) -> render_rays' outputs as images [H, W, ...].
-        shared: every rank renders its rank_slice of the rays and rank 0 gathers the image
-        (None elsewhere); otherwise this rank renders them all."""
-        if not shared:
-            return as_images(self.render_rays(rays), height, width)
-        n = height * width
-        mine = self.render_rays({k: v[dist.rank_slice(n)] for k, v in rays.items()})
-        gathered = {k: dist.gather_rows(v, n) for k, v in mine.items()}
-        return as_images(gathered, height, width) if dist.is_main() else None
+    def render_image(self, rays: Dict[str, torch.Tensor], height: int, width: int) -> Dict[str, torch.Tensor]:
+        """Render H*W rays (row-major pixels) -> render_rays' outputs as images [H, W, ...]."""
+        return as_images(self.render_rays(rays), height, width)
 
-    def render_view(self, index: int, shared: bool = False) -> Optional[Dict[str, torch.Tensor]]:
-        """Render view `index` -> render_image's images plus gt_rgb [H, W, 3], mask [H, W]
-        (with `shared`, on rank 0; None elsewhere)."""
+    def render_view(self, index: int) -> Dict[str, torch.Tensor]:
+        """Render view `index` -> render_image's images plus gt_rgb [H, W, 3], mask [H, W]."""
         rays = self.dataset.view_rays(index)
-        h, w = self.dataset.height, self.dataset.width
-        images = self.render_image(rays, h, w, shared)
-        if images is None:
-            return None
-        return {**images, "gt_rgb": rays["rgb"].view(h, w, 3), "mask": rays["mask"].view(h, w)}
+        return with_ground_truth(self.render_image(rays, self.dataset.height, self.dataset.width), rays,
+                                 self.dataset.height, self.dataset.width)
 
     # --- validation -----------------------------------------------------------------------------
     def validation_view(self) -> int:
@@ -99,9 +90,18 @@ class Evaluation:
         """Render the next validation view (every rank its share of the rays) -> its metrics;
         rank 0 writes the panels and TensorBoard ({} elsewhere)."""
         view = self.validation_view()
-        images = self.render_view(view, shared=True)
-        if images is None:
+        rays = self.dataset.view_rays(view)
+        h, w = self.dataset.height, self.dataset.width
+        blocks = [dist.share_of(h * w, r, dist.world_size()) for r in range(dist.world_size())]
+
+        def render_block(block: slice) -> Dict[str, torch.Tensor]:  # on the CPU, to travel to rank 0
+            return {k: v.cpu() for k, v in self.render_rays({k: v[block] for k, v in rays.items()}).items()}
+
+        parts = [part for _, part in dist.map_in_turns(render_block, blocks)]
+        if not dist.is_main():
             return {}
+        rendered = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        images = with_ground_truth(as_images(rendered, h, w), {k: v.cpu() for k, v in rays.items()}, h, w)
         metrics = {"psnr": psnr(images["rgb"], images["gt_rgb"])}
         if self.dataset.has_masks:
             metrics["psnr_masked"] = psnr(images["rgb"], images["gt_rgb"], images["mask"])
@@ -176,6 +176,12 @@ class Evaluation:
             writer.add_scalar(f"test/{key}", value, step)
         log.info("test at step %d over %d views: %s", step, len(views), " ".join(f"{k} {v:.3f}" for k, v in mean.items()))
         return metrics
+
+
+def with_ground_truth(images: Dict[str, torch.Tensor], rays: Dict[str, torch.Tensor], height: int,
+                      width: int) -> Dict[str, torch.Tensor]:
+    """images plus the view's gt_rgb [H, W, 3] and mask [H, W] (from its rays)."""
+    return {**images, "gt_rgb": rays["rgb"].view(height, width, 3), "mask": rays["mask"].view(height, width)}
 
 
 def write_validation_panels(out_dir: str, view: int, images: Dict[str, torch.Tensor], writer, step: int) -> None:

@@ -109,13 +109,18 @@ class MeshExport:
                                agree=dist.broadcast_object)
 
     def sdf_grid(self, bounds: np.ndarray, resolution: int) -> Tuple[Optional[np.ndarray], np.ndarray]:
-        """utils.mesh.sdf_on_grid, this rank evaluating its rank_slice of the x-planes -> the
-        whole grid [nx, ny, nz] on rank 0 (None elsewhere), and the voxel size."""
+        """utils.mesh.sdf_on_grid with the x-planes shared out in N blocks (map_in_turns: rank r
+        evaluates block r) -> the whole grid [nx, ny, nz] on rank 0 (None elsewhere), and the
+        voxel size."""
         n_planes = grid_shape(bounds, resolution)[0][0]
-        mine, voxel = sdf_on_grid(self.model.mesh_sdf, bounds, resolution, self.config.mesh_chunk, self.device,
-                                  dist.rank_slice(n_planes))  # [planes of this rank, ny, nz]
-        values = dist.gather_rows(torch.from_numpy(mine), n_planes)
-        return (values.numpy() if values is not None else None), voxel
+        blocks = [dist.share_of(n_planes, r, dist.world_size()) for r in range(dist.world_size())]
+
+        def planes(block: slice) -> Tuple[np.ndarray, np.ndarray]:  # [planes in block, ny, nz], voxel
+            return sdf_on_grid(self.model.mesh_sdf, bounds, resolution, self.config.mesh_chunk, self.device, block)
+
+        parts = [part for _, part in dist.map_in_turns(planes, blocks)]
+        voxel = np.full(3, grid_shape(bounds, resolution)[1])
+        return (np.concatenate([values for values, _ in parts]) if dist.is_main() else None), voxel
 
     def metrics(self, mesh_path: str, gt_path: str) -> Dict[str, float]:
         """Chamfer / F-score against the ground-truth mesh at gt_path, if there is one (world units)."""

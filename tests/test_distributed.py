@@ -268,10 +268,9 @@ def count_renders(monkeypatch, counts):
     render_view, orbit_frame, render_rays = evaluation.render_view, evaluation.orbit_frame, evaluation.render_rays
     sdf_on_grid = systems.export.sdf_on_grid
 
-    def counted_view(self, index, shared=False):
-        if not shared:  # test views (a validation view is shared out by rays)
-            counts["views"].append(index)
-        return render_view(self, index, shared)
+    def counted_view(self, index):
+        counts["views"].append(index)
+        return render_view(self, index)
 
     def counted_frame(self, c2w):
         counts["frames"] += 1

@@ -5,13 +5,11 @@ import torch
 
 from models.network import ColorNetwork, SDFNetwork
 from tests.test_cuda_backends import needs_cuda
-from tests.test_reliability import (  # noqa: F401  (scene, scene_template: fixtures)
-    CPU_CONFIG, TINY, build_system, scene, scene_template,
-)
+from tests.test_reliability import CPU_CONFIG, TINY, build_system
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config
+from systems.config import load_config
 
-def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(scene, tmp_path):  # noqa: F811
+def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(scene, tmp_path):
     """The grad-scaler path of a step, on CPU with an enabled CPU GradScaler: a step whose
     unscaled gradient is infinite leaves the parameters alone, is reported skipped and counted
     (like a NaN step) and halves the loss scale; the next step trains."""
@@ -31,7 +29,7 @@ def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(sc
     assert not system.step().skipped
 
 
-def test_float16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(scene, tmp_path):  # noqa: F811
+def test_float16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(scene, tmp_path):
     """Twelve steps with an infinite gradient (finite loss) from scale 1024: ten halvings take it to
     1 without counting towards a rollback (max_bad_steps 10); the 11th and 12th (scale 0.5, 0.25)
     count. A rollback goes on with the lower of the current and the checkpoint's scale, but not
@@ -80,7 +78,7 @@ def test_the_sdf_mlp_stays_float32_under_autocast():
 
 
 @needs_cuda
-def test_fp16_mixed_training_steps_on_cuda(scene, tmp_path):  # noqa: F811
+def test_fp16_mixed_training_steps_on_cuda(scene, tmp_path):
     """auto precision on CUDA is fp16-mixed: steps train with finite parameters, and the
     checkpoint holds the scaler's state and loads with weights_only and into a fresh system."""
     overrides = [o for o in TINY if not o.startswith("device=")] + ["device=cuda", f"dataset.root_dir={scene}"]

@@ -21,7 +21,7 @@ from process_data.synthetic import make_demo_scene
 from systems.trainer import TrainingDiverged
 from tests.conftest import ROOT
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
-from utils.config import load_config
+from systems.config import load_config
 from utils.misc import map_in_chunks, seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,18 +45,6 @@ TINY = [
     "trainer.test_at_end=false",
     "system.scheduler.warmup_steps=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def scene_template(tmp_path_factory):
-    """A 4-view 40x30 NeuS-format scene (image/, mask/, cameras_sphere.npz)."""
-    return make_demo_scene(str(tmp_path_factory.mktemp("template") / "scene"), n_views=4, width=40, height=30)
-
-
-@pytest.fixture
-def scene(scene_template, tmp_path):
-    """A private copy of the template, to break as each test needs."""
-    return shutil.copytree(scene_template, str(tmp_path / "scene"))
 
 
 def run_main(capsys, *args):
