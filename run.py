@@ -92,6 +92,13 @@ def run_command(argv=None) -> int:
     try:
         config = load_config(args.config, overrides)
         device = dist.init_from_env(resolve_device(config.device))
+        if args.train and dist.is_main():
+            import torch
+            from systems.cpu_budget import gpu_config_on_cpu_warning
+
+            warning = gpu_config_on_cpu_warning(config, args.config, device.type, torch.get_num_threads())
+            if warning:
+                logging.getLogger("run").warning(warning)
         runs_dir = os.path.join(args.outputs_dir, config.name)
         resume = args.resume
         if resume is None and (args.test or args.mesh):

@@ -28,6 +28,7 @@ from utils.mesh import (
     sdf_on_grid,
     to_world,
 )
+from utils.isolate import find_support_plane, split_at_plane
 from utils.metrics import mesh_metrics
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,12 @@ class ExportConfig:
     largest_component: bool = True  # keep only the largest connected piece
     cull_with_masks: bool = False  # drop faces that project outside the (dilated) masks
     fscore_threshold: float = 0.01  # F-score distance, in units of the normalised (unit-sphere) radius
+    # the object without its support (utils/isolate.py): find the plane it stands on (all cameras
+    # above it, reaching the region's edge) and cut the surface `isolate_margin` above it (normalised
+    # units); what is cut goes to it<step>-mc<res>-removed.ply. On in the unmasked configs.
+    isolate: bool = False
+    isolate_margin: float = 0.02
+    isolate_tolerance: float = 0.01  # RANSAC inlier distance of the plane
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Mesh:
     vertices: np.ndarray  # [V, 3] normalised frame
     vertices_world: np.ndarray  # [V, 3] the dataset's world frame
     faces: np.ndarray  # [F, 3]
+    removed: Optional[Tuple[np.ndarray, np.ndarray]] = None  # export.isolate's cut: world vertices, faces
 
 
 def mesh_stem(save_dir: str, step: int, resolution: int) -> str:
@@ -78,6 +86,10 @@ class MeshExport:
         paths = save_mesh(mesh_stem(save_dir, step, cfg.mesh_resolution), mesh.vertices_world, mesh.faces, colors,
                           list(cfg.formats))
         log.info("mesh: %d vertices, %d faces -> %s", len(mesh.vertices_world), len(mesh.faces), ", ".join(paths))
+        if mesh.removed is not None and len(mesh.removed[1]):
+            stem = mesh_stem(save_dir, step, cfg.mesh_resolution)
+            removed_path = save_mesh(f"{stem}-removed", *mesh.removed, None, ["ply"])[0]
+            log.info("isolate: the cut-off support and pieces (%d faces) -> %s", len(mesh.removed[1]), removed_path)
         return paths
 
     def extract(self) -> Optional[Mesh]:
@@ -88,6 +100,11 @@ class MeshExport:
         if surface is None:
             return None
         vertices, faces = surface
+        removed = None
+        if cfg.isolate:
+            faces, cut = self.isolate(vertices, faces)
+            if cut is not None:
+                removed = remove_unused_vertices(to_world(vertices, self.dataset.views.scale_mat), cut)
         if cfg.largest_component:
             faces = largest_component(faces)
         vertices, faces = remove_unused_vertices(vertices, faces)
@@ -96,7 +113,22 @@ class MeshExport:
             views = self.dataset.views
             faces = faces_inside_masks(vertices_world, faces, views.world_mats, views.masks)
             vertices, faces, vertices_world = remove_unused_vertices(vertices, faces, vertices_world)
-        return Mesh(vertices, vertices_world, faces)
+        return Mesh(vertices, vertices_world, faces, removed)
+
+    def isolate(self, vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """export.isolate: the faces of the object above its supporting plane and the faces cut
+        off (None when no support plane is found: the surface is kept whole)."""
+        cfg = self.config
+        centres = self.dataset.views.c2w[:, :3, 3]  # [N, 3] normalised frame
+        plane = find_support_plane(vertices, faces, centres, self.model.config.radius, cfg.isolate_tolerance)
+        if plane is None:
+            log.info("isolate: no supporting plane under the object (cameras on one side, reaching the region's "
+                     "edge); the mesh is kept whole")
+            return faces, None
+        kept, removed = split_at_plane(vertices, faces, plane, cfg.isolate_margin)
+        log.info("isolate: support plane n=(%.3f, %.3f, %.3f) d=%.3f carries %.0f%% of the surface; kept %d of %d "
+                 "faces", *plane.normal, plane.offset, 100 * plane.area_share, len(kept), len(faces))
+        return kept, removed
 
     def surface(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         """utils.mesh.extract_surface's coarse-then-fine marching cubes, each SDF grid's x-planes

@@ -28,6 +28,7 @@ class Telemetry:
 
     n_rays: int
     n_samples: int
+    n_bg_samples: int = 0  # the background model's, counted in the ray budget
     rank_mean: Dict[str, float] = field(default_factory=dict)
     scalars: Dict[str, float] = field(default_factory=dict)
 
@@ -78,7 +79,8 @@ class NeuSTask(Configurable):
         # outside autocast: binary_cross_entropy refuses it, and the losses are float32 anyway
         losses = neus_losses(self.config.loss, out, batch)
         n_rays = batch["rays_o"].shape[0]
-        telemetry = Telemetry(n_rays=n_rays, n_samples=out["n_samples"])
+        telemetry = Telemetry(n_rays=n_rays, n_samples=out["n_samples"],
+                              n_bg_samples=out["background"]["n_samples"] if "background" in out else 0)
         if all(torch.isfinite(v) for k, v in losses.items() if k != "total"):
             telemetry.rank_mean["psnr"] = psnr(out["rgb"].detach(), batch["rgb"])
             if "background" in out:

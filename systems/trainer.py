@@ -13,6 +13,7 @@ One training step (`Trainer.step`):
     -> StepResult(skipped, non_finite, scaler_backoff, stats)
 """
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -42,7 +43,7 @@ from utils.checkpoint import (
 )
 from utils.config import Precision, to_primitive
 from utils.logger import NullWriter
-from utils.misc import get_rng_state, seed_everything, set_rng_state
+from utils.misc import get_rng_state, process_age, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 MIN_LOSS_SCALE = 1.0  # below it, fp16-mixed overflow skips count towards a rollback (on_bad_step)
@@ -55,6 +56,8 @@ class TrainerConfig:
     max_train_num_rays: int = 8192
     dynamic_ray_sampling: bool = True  # adapt the rays per step to keep ~num_samples_per_step samples
     num_samples_per_step: int = 262144
+    # a background sample's cost in foreground samples, in that budget (next_ray_count)
+    background_sample_cost: float = 0.3
     log_every: int = 50  # steps between TensorBoard scalars / log lines
     val_every: int = 2500  # steps between validation renders (0: never)
     ckpt_every: int = 5000  # steps between checkpoints (0: only the final one)
@@ -72,6 +75,9 @@ class TrainerConfig:
     test_at_end: bool = True  # --train ends with the test stage (renders, metrics, video, mesh)
     n_test_traj_steps: int = 60  # frames of the orbit video
     test_traj_downscale: float = 1.0  # render the orbit video at 1/this of the image size
+    # also write a checkpoint to <trial>/curve/ when the command's wall clock (from process start,
+    # minus the time spent writing these) passes each of these seconds (scripts/curve.py)
+    checkpoint_at_seconds: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +115,38 @@ class StepResult:
     stats: Dict[str, float] = field(default_factory=dict)
 
 
+class WallClockMarks:
+    """trainer.checkpoint_at_seconds: a checkpoint in <trial>/curve/ each time the command's
+    wall clock passes a mark, not counting the time spent writing them, and
+    <trial>/curve/marks.json listing {mark, seconds, step, path}. Rank 0's clock decides."""
+
+    def __init__(self, seconds: List[float], trial_dir: str):
+        self.pending = sorted(float(s) for s in seconds)
+        self.folder = os.path.join(trial_dir, "curve")
+        self.paused = 0.0  # seconds spent writing mark checkpoints
+        self.written: List[Dict[str, Any]] = []
+
+    def save_if_due(self, trainer: "Trainer") -> None:
+        if not self.pending:
+            return
+        elapsed = dist.broadcast_object(process_age() - self.paused)  # rank 0's clock
+        if elapsed < self.pending[0]:
+            return
+        started = time.perf_counter()
+        mark = self.pending.pop(0)
+        while self.pending and elapsed >= self.pending[0]:  # a step longer than the gap: one file
+            self.pending.pop(0)
+        if dist.is_main():
+            os.makedirs(self.folder, exist_ok=True)
+        path = trainer.save(os.path.join(self.folder, checkpoint_name(trainer.global_step)))
+        if dist.is_main():
+            self.written.append({"mark": mark, "seconds": round(elapsed, 2), "step": trainer.global_step,
+                                 "path": os.path.abspath(path)})
+            with open(os.path.join(self.folder, "marks.json"), "w") as f:
+                json.dump(self.written, f, indent=1)
+        self.paused += time.perf_counter() - started
+
+
 class TrainingInterrupted(Exception):
     """SIGINT / SIGTERM stopped training; a checkpoint of the current step was written."""
 
@@ -122,11 +160,16 @@ class TrainingDiverged(RuntimeError):
     """Non-finite steps that rolling back could not cure."""
 
 
-def next_ray_count(n_rays: int, n_samples: int, config: TrainerConfig) -> int:
+def next_ray_count(n_rays: int, n_samples: int, config: TrainerConfig, n_bg_samples: int = 0) -> int:
     """The ray budget: the next step's rays (all ranks together), scaled from this step's
-    n_rays and n_samples (over all ranks) so that they hold about num_samples_per_step samples,
-    within [64, max_train_num_rays]."""
-    wanted = n_rays * config.num_samples_per_step / max(n_samples, 1)
+    n_rays, n_samples and n_bg_samples (over all ranks) so that the step costs about
+    num_samples_per_step foreground samples, within [64, max_train_num_rays]:
+        cost = n_samples + background_sample_cost * n_bg_samples,  rays = n_rays * budget / cost
+    (a background sample has no SDF gradient, no eikonal double backward and a smaller grid).
+    Without the background term an unmasked run whose foreground samples per ray fall buys ever
+    more rays, each paying for all its background samples: its steps grew from 0.3 s to 1 s."""
+    cost = n_samples + config.background_sample_cost * n_bg_samples
+    wanted = n_rays * config.num_samples_per_step / max(cost, 1.0)
     return int(min(max(wanted, 64), config.max_train_num_rays))
 
 
@@ -238,13 +281,13 @@ class Trainer:
         losses, telemetry = self.task.loss(self.train_model, batch, self.autocast())
         self.optimizer.zero_grad(set_to_none=True)
         non_finite = [k for k, v in losses.items() if k != "total" and not torch.isfinite(v)]
-        n_rays, n_samples = telemetry.n_rays, telemetry.n_samples
+        n_rays, n_samples, n_bg_samples = telemetry.n_rays, telemetry.n_samples, telemetry.n_bg_samples
         if dist.world_size() > 1:
             # one all-reduce: ranks with a non-finite loss, and the step's rays and samples
-            bad_ranks, n_rays, n_samples = dist.all_reduce_sum(
-                torch.tensor([float(bool(non_finite)), n_rays, n_samples], dtype=torch.float64)
+            bad_ranks, n_rays, n_samples, n_bg_samples = dist.all_reduce_sum(
+                torch.tensor([float(bool(non_finite)), n_rays, n_samples, n_bg_samples], dtype=torch.float64)
             ).tolist()
-            n_rays, n_samples = int(n_rays), int(n_samples)
+            n_rays, n_samples, n_bg_samples = int(n_rays), int(n_samples), int(n_bg_samples)
             if bad_ranks and not non_finite:
                 non_finite.append("loss on another rank")
             losses = self.task.weight_for_sample_share(losses, dist.world_size() * telemetry.n_samples
@@ -258,7 +301,7 @@ class Trainer:
         if not non_finite:
             self.scaler.step(self.optimizer)
             if self.trainer_config.dynamic_ray_sampling:
-                self.train_num_rays = next_ray_count(n_rays, n_samples, self.trainer_config)
+                self.train_num_rays = next_ray_count(n_rays, n_samples, self.trainer_config, n_bg_samples)
         scaler_backoff = False
         if backward:  # fp16-mixed: grows the loss scale, or halves it after a non-finite gradient
             self.scaler.update()
@@ -303,6 +346,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, dynamic_ncols=True, desc="train", mininterval=1.0,
                    disable=not dist.is_main())
         window: List[Dict[str, float]] = []
+        marks = WallClockMarks(cfg.checkpoint_at_seconds, self.paths.trial_dir)
         while self.global_step < cfg.max_steps:
             result = self.step()
             bar.update(1)
@@ -322,6 +366,7 @@ class Trainer:
                 self.validate()  # every rank renders its share; rank 0 writes
             if cfg.ckpt_every > 0 and self.global_step % cfg.ckpt_every == 0:
                 self.save()
+            marks.save_if_due(self)
             stop_signal = self.agreed_stop_signal()
             if stop_signal:
                 bar.close()
@@ -451,10 +496,11 @@ class Trainer:
         fit_state_to_parameter_shapes(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def save(self) -> str:
-        """Write the checkpoint of this step (rank 0; every rank must call it, as it gathers the
-        ranks' random-number states and waits until the file is there) -> its path."""
-        path = self.checkpoint_path(self.global_step)
+    def save(self, path: Optional[str] = None) -> str:
+        """Write the checkpoint of this step to `path` (default: ckpt/ckpt_<step>.pth) (rank 0;
+        every rank must call it, as it gathers the ranks' random-number states and waits until
+        the file is there) -> its path."""
+        path = path or self.checkpoint_path(self.global_step)
         rng_per_rank = dist.gather_objects(get_rng_state())
         if dist.is_main():
             state = {

@@ -240,3 +240,16 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     assert torch.equal(draws[0], again[0])
     np.testing.assert_array_equal(draws[1], again[1])
     assert draws[2:] == again[2:]
+
+
+def test_ray_budget_counts_background_samples():
+    """16384 samples a step: 1000 rays with 8000 foreground samples buy 2048 rays next; with
+    40000 background samples at 0.3 each the step cost 8000 + 12000 = 20000, so 819 rays;
+    clamped to [64, max]."""
+    from systems.trainer import TrainerConfig, next_ray_count
+
+    config = TrainerConfig(num_samples_per_step=16384, background_sample_cost=0.3, max_train_num_rays=8192)
+    assert next_ray_count(1000, 8000, config) == 2048
+    assert next_ray_count(1000, 8000, config, n_bg_samples=40000) == 819
+    assert next_ray_count(1000, 100, config) == 8192
+    assert next_ray_count(1000, 8000, config, n_bg_samples=10**7) == 64

@@ -106,12 +106,17 @@ def extract_surface(
     return marching_cubes(values, bounds[0], voxel, level) if values is not None else None
 
 
+def component_labels(faces: np.ndarray) -> np.ndarray:
+    """The connected piece (faces sharing an edge) of each face: [F] -> labels [F] in 0..n-1"""
+    adjacency = trimesh.graph.face_adjacency(faces)
+    return trimesh.graph.connected_component_labels(adjacency, node_count=len(faces))
+
+
 def largest_component(faces: np.ndarray) -> np.ndarray:
     """The faces of the connected piece with the most faces."""
     if len(faces) == 0:
         return faces
-    adjacency = trimesh.graph.face_adjacency(faces)
-    labels = trimesh.graph.connected_component_labels(adjacency, node_count=len(faces))
+    labels = component_labels(faces)
     return faces[labels == np.bincount(labels).argmax()]
 
 
@@ -193,6 +198,21 @@ def rasterize_silhouette(
         cv2.fillConvexPoly(image, tri, 1, lineType=cv2.LINE_8, shift=shift)
     centre = (supersample - 1) // 2
     return image[centre::supersample, centre::supersample] > 0
+
+
+def silhouette_scores(
+    vertices_world: np.ndarray, faces: np.ndarray, world_mats: Sequence[np.ndarray], masks: np.ndarray
+) -> np.ndarray:
+    """Per-view (IoU, precision, recall) of the mesh's silhouette S against the mask M (> 0.5):
+    IoU = |S & M| / |S | M|, precision = |S & M| / |S|, recall = |S & M| / |M| (1 where the
+    denominator is empty). masks [N, H, W], world_mats scaled to the masks' resolution -> [N, 3]"""
+    scores = []
+    for world_mat, mask in zip(world_mats, masks):
+        sil = rasterize_silhouette(vertices_world, faces, world_mat, (mask.shape[1], mask.shape[0]))
+        ref = mask > 0.5
+        both, union, n_sil, n_ref = (sil & ref).sum(), (sil | ref).sum(), sil.sum(), ref.sum()
+        scores.append([both / union if union else 1.0, both / n_sil if n_sil else 1.0, both / n_ref if n_ref else 1.0])
+    return np.asarray(scores, dtype=np.float64)
 
 
 def silhouette_iou(

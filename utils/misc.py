@@ -2,6 +2,7 @@
 import logging
 import os
 import random
+import time
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
@@ -11,6 +12,22 @@ from utils.config import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+_IMPORTED_AT = time.monotonic()
+
+
+def process_age() -> float:
+    """Seconds since this process started: the wall clock of the command, interpreter start-up
+    and imports included (Linux's /proc; elsewhere, since this module was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED_AT
 
 
 def seed_everything(seed: int) -> None:

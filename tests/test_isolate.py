@@ -1,0 +1,62 @@
+"""utils/isolate.py: the plane an object stands on, found in the surface, and the cut there."""
+import mcubes
+import numpy as np
+
+from utils.isolate import face_centres_and_areas, find_support_plane, split_at_plane
+
+N = 72
+AXIS = np.linspace(-1.05, 1.05, N)
+VOXEL = AXIS[1] - AXIS[0]
+CENTRE = np.array([0.1, 0.0, -0.2])  # the object: a ball of radius 0.3 ...
+TABLE_Z = -0.45  # ... sinking 0.05 into a table top at z = -0.45
+
+
+def surface(with_table: bool):
+    """Marching cubes of min(ball, half-space below the table top) cut by the unit sphere, as
+    an unmasked run's SDF would hold the object and the table inside the region."""
+    x, y, z = np.meshgrid(AXIS, AXIS, AXIS, indexing="ij")
+    sdf = np.sqrt((x - CENTRE[0]) ** 2 + (y - CENTRE[1]) ** 2 + (z - CENTRE[2]) ** 2) - 0.3
+    if with_table:
+        sdf = np.minimum(sdf, z - TABLE_Z)
+    sdf = np.maximum(sdf, np.sqrt(x**2 + y**2 + z**2) - 1.0)
+    vertices, faces = mcubes.marching_cubes(-sdf, 0.0)  # mcubes: inside is above the level
+    return vertices * VOXEL - 1.05, faces.astype(np.int64)
+
+
+def ring(height: float, n: int = 12, radius: float = 2.5) -> np.ndarray:
+    angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([radius * np.cos(angles), radius * np.sin(angles), np.full(n, height)], axis=1)
+
+
+def test_finds_the_table_and_keeps_the_ball():
+    """Cameras above: the plane is z = -0.45 with its normal up (n = (0, 0, 1), d = 0.45);
+    cutting 0.02 above it keeps only the ball (every kept vertex 0.3 from its centre, all
+    of it above z = -0.43) and removes the table disc, which holds most of the area."""
+    vertices, faces = surface(with_table=True)
+    plane = find_support_plane(vertices, faces, ring(0.8), radius=1.0)
+    assert plane is not None
+    np.testing.assert_allclose(plane.normal, [0, 0, 1], atol=0.01)
+    np.testing.assert_allclose(plane.offset, -TABLE_Z, atol=0.25 * VOXEL)
+    # the table top holds about a third of the area: the region's boundary closes the table below it
+    assert plane.reach > 0.95 and 0.25 < plane.area_share < 0.5
+    kept, removed = split_at_plane(vertices, faces, plane, margin=0.02)
+    kept_vertices = vertices[np.unique(kept)]
+    np.testing.assert_allclose(np.linalg.norm(kept_vertices - CENTRE, axis=1), 0.3, atol=0.5 * VOXEL)
+    assert kept_vertices[:, 2].min() > TABLE_Z + 0.02
+    # the ball's cap above z = -0.43: 2 pi r h with h = 0.3 + 0.3 - 0.23, within a voxel's band
+    kept_area = face_centres_and_areas(vertices, kept)[1].sum()
+    np.testing.assert_allclose(kept_area, 2 * np.pi * 0.3 * (0.3 + (CENTRE[2] - (TABLE_Z + 0.02)) + 0.0), rtol=0.1)
+    assert len(kept) + len(removed) == len(faces)
+    # removed: the table top (z = -0.45), the ball's bottom and the region's boundary below the table
+    removed_centres = face_centres_and_areas(vertices, removed)[0]
+    assert removed_centres[:, 2].max() < TABLE_Z + 0.02 + VOXEL
+
+
+def test_no_plane_without_a_table_or_with_cameras_on_both_sides():
+    """A ball alone has no wide plane (its largest 'plane' never reaches the region's edge);
+    with the table but cameras above AND below it, the table is not a support."""
+    vertices, faces = surface(with_table=False)
+    assert find_support_plane(vertices, faces, ring(0.8), radius=1.0) is None
+    vertices, faces = surface(with_table=True)
+    both_sides = np.concatenate([ring(0.8), ring(-1.5)])
+    assert find_support_plane(vertices, faces, both_sides, radius=1.0) is None

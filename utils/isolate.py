@@ -1,0 +1,129 @@
+"""The object without its support: find the plane it stands on and cut the surface there.
+
+Trained without masks, the SDF inside the region holds the object AND the part of the table
+(floor, turntable) that lies inside the region: nothing in the photos separates the two. Most
+captures stand the object on such a plane, and it is easy to recognise in the extracted surface:
+
+1. RANSAC over area-weighted face centres finds the plane that carries the most surface area
+   (inliers within `tolerance`).
+2. It is accepted as the SUPPORT only if
+   - every camera centre lies on one side of it (the cameras look down at the object on it:
+     that side is "up"),
+   - it is wide: its inliers reach the region's boundary (|x| >= reach * radius), which the
+     table does and a flat face of the object does not,
+   - it carries at least `min_area_share` of the surface's area, and some of the surface lies
+     above it (the object).
+3. Faces with a vertex closer than `margin` above the plane, or below it, are removed; of what
+   is left, the largest connected piece is the object. Everything removed is returned too, so
+   that it can be written beside the mesh and checked.
+
+Pure numpy over (vertices [V, 3], faces [F, 3]) in the normalised frame; nothing here knows
+about models or datasets.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from utils.mesh import component_labels
+
+
+@dataclass
+class Plane:
+    normal: np.ndarray  # [3] unit, pointing to the cameras' side ("up")
+    offset: float  # signed distance of x: normal . x + offset
+    area_share: float  # share of the surface's area within tolerance of the plane
+    reach: float  # max |x| of its inliers, in units of the region radius
+
+    def signed_distance(self, points: np.ndarray) -> np.ndarray:
+        """points [N, 3] -> [N], positive on the cameras' side"""
+        return points @ self.normal + self.offset
+
+
+def face_centres_and_areas(vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """-> centres [F, 3], areas [F]"""
+    tri = vertices[faces]  # [F, 3, 3]
+    areas = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)  # [F]
+    return tri.mean(axis=1), areas
+
+
+def ransac_plane(
+    points: np.ndarray, weights: np.ndarray, tolerance: float, iterations: int = 400, seed: int = 0
+) -> Tuple[np.ndarray, float]:
+    """The plane n . x + d = 0 (|n| = 1) that holds the largest total weight of points within
+    `tolerance`, refined by a weighted least-squares fit to its inliers.
+    points [N, 3], weights [N] -> n [3], d"""
+    rng = np.random.default_rng(seed)
+    p = weights / weights.sum()
+    best, best_score = None, -1.0
+    for _ in range(iterations):
+        a, b, c = points[rng.choice(len(points), 3, replace=False, p=p)]
+        n = np.cross(b - a, c - a)
+        norm = np.linalg.norm(n)
+        if norm < 1e-9:
+            continue
+        n = n / norm
+        d = -float(n @ a)
+        score = weights[np.abs(points @ n + d) < tolerance].sum()
+        if score > best_score:
+            best, best_score = (n, d), score
+    n, d = best
+    inliers = np.abs(points @ n + d) < tolerance
+    w = weights[inliers]
+    centre = (points[inliers] * w[:, None]).sum(0) / w.sum()
+    cov = ((points[inliers] - centre) * w[:, None]).T @ (points[inliers] - centre)  # [3, 3]
+    n = np.linalg.eigh(cov)[1][:, 0]  # smallest eigenvalue's vector: the normal
+    return n, -float(n @ centre)
+
+
+def find_support_plane(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    camera_centres: np.ndarray,
+    radius: float,
+    tolerance: float = 0.01,
+    reach: float = 0.9,
+    min_area_share: float = 0.05,
+    max_points: int = 50000,
+    seed: int = 0,
+) -> Optional[Plane]:
+    """The plane the object stands on (see the module's docstring), or None when the surface
+    has none. vertices [V, 3], faces [F, 3], camera_centres [C, 3], normalised frame."""
+    if len(faces) < 3:
+        return None
+    centres, areas = face_centres_and_areas(vertices, faces)
+    keep = areas > 0
+    centres, areas = centres[keep], areas[keep]
+    if len(centres) > max_points:  # area-weighted subsample: RANSAC needs no more
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(centres), max_points, replace=False, p=areas / areas.sum())
+        centres, areas = centres[pick], np.full(max_points, areas.sum() / max_points)
+    n, d = ransac_plane(centres, areas, tolerance, seed=seed)
+    side = camera_centres @ n + d  # [C]
+    if np.all(side < 0):
+        n, d, side = -n, -d, -side
+    if not np.all(side > 0):
+        return None  # cameras on both sides: not a support
+    distance = centres @ n + d
+    inliers = np.abs(distance) < tolerance
+    share = float(areas[inliers].sum() / areas.sum())
+    plane_reach = float(np.linalg.norm(centres[inliers], axis=1).max() / radius) if inliers.any() else 0.0
+    above = float(areas[distance > 2 * tolerance].sum() / areas.sum())
+    if share < min_area_share or plane_reach < reach or above < 0.01:
+        return None
+    return Plane(normal=n, offset=d, area_share=share, reach=plane_reach)
+
+
+def split_at_plane(
+    vertices: np.ndarray, faces: np.ndarray, plane: Plane, margin: float
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Faces of the object and faces removed: a face is cut when any vertex lies less than
+    `margin` above the plane (or below it); of the rest, the largest connected piece is kept.
+    -> kept [K, 3], removed [F - K, 3] (indices into `vertices`)"""
+    above = plane.signed_distance(vertices) > margin  # [V]
+    candidate = np.all(above[faces], axis=1)  # [F]
+    kept = np.zeros(len(faces), dtype=bool)
+    if candidate.any():
+        labels = component_labels(faces[candidate])
+        kept[np.flatnonzero(candidate)[labels == np.bincount(labels).argmax()]] = True
+    return faces[kept], faces[~kept]
