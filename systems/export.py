@@ -119,8 +119,8 @@ class MeshExport:
         """export.isolate: the faces of the object above its supporting plane and the faces cut
         off (None when no support plane is found: the surface is kept whole)."""
         cfg = self.config
-        centres = self.dataset.views.c2w[:, :3, 3]  # [N, 3] normalised frame
-        plane = find_support_plane(vertices, faces, centres, self.model.config.radius, cfg.isolate_tolerance)
+        plane = find_support_plane(vertices, faces, self.dataset.views.c2w, self.model.config.radius,
+                                   cfg.isolate_tolerance)
         if plane is None:
             log.info("isolate: no supporting plane under the object (cameras on one side, reaching the region's "
                      "edge); the mesh is kept whole")

@@ -2,6 +2,7 @@
 import mcubes
 import numpy as np
 
+from utils.camera import look_at
 from utils.isolate import face_centres_and_areas, find_support_plane, split_at_plane
 
 N = 72
@@ -23,9 +24,11 @@ def surface(with_table: bool):
     return vertices * VOXEL - 1.05, faces.astype(np.int64)
 
 
-def ring(height: float, n: int = 12, radius: float = 2.5) -> np.ndarray:
+def ring(height: float, n: int = 12, radius: float = 2.5, target=(0.0, 0.0, -0.2)) -> np.ndarray:
+    """Upright cameras (world up +z) on a circle at `height`, looking at `target` -> c2w [n, 3, 4]"""
     angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    return np.stack([radius * np.cos(angles), radius * np.sin(angles), np.full(n, height)], axis=1)
+    centres = np.stack([radius * np.cos(angles), radius * np.sin(angles), np.full(n, height)], axis=1)
+    return np.stack([look_at(c, np.asarray(target), np.array([0.0, 0.0, 1.0])) for c in centres])
 
 
 def test_finds_the_table_and_keeps_the_ball():
@@ -54,9 +57,15 @@ def test_finds_the_table_and_keeps_the_ball():
 
 def test_no_plane_without_a_table_or_with_cameras_on_both_sides():
     """A ball alone has no wide plane (its largest 'plane' never reaches the region's edge);
-    with the table but cameras above AND below it, the table is not a support."""
+    with the table but cameras above AND below it, the table is not a support; nor when the
+    cameras look at a point under the table; nor when they are tilted by 90 degrees (the table
+    then stands upright in their photos)."""
     vertices, faces = surface(with_table=False)
     assert find_support_plane(vertices, faces, ring(0.8), radius=1.0) is None
     vertices, faces = surface(with_table=True)
     both_sides = np.concatenate([ring(0.8), ring(-1.5)])
     assert find_support_plane(vertices, faces, both_sides, radius=1.0) is None
+    assert find_support_plane(vertices, faces, ring(0.8, target=(0.0, 0.0, -0.8)), radius=1.0) is None
+    sideways = ring(0.8).copy()
+    sideways[:, :, :2] = np.stack([sideways[:, :, 1], -sideways[:, :, 0]], axis=2)  # x, y axes turned 90 deg
+    assert find_support_plane(vertices, faces, sideways, radius=1.0) is None

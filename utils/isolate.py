@@ -6,9 +6,11 @@ captures stand the object on such a plane, and it is easy to recognise in the ex
 
 1. RANSAC over area-weighted face centres finds the plane that carries the most surface area
    (inliers within `tolerance`).
+   Photos are taken upright, so only planes whose normal is within 30 degrees of the cameras'
+   mean up axis are candidates (a table, a floor, a turntable).
 2. It is accepted as the SUPPORT only if
-   - every camera centre lies on one side of it (the cameras look down at the object on it:
-     that side is "up"),
+   - every camera centre lies above it, and so does the point where the cameras' optical axes
+     meet (the object they look at),
    - it is wide: its inliers reach the region's boundary (|x| >= reach * radius), which the
      table does and a flat face of the object does not,
    - it carries at least `min_area_share` of the surface's area, and some of the surface lies
@@ -25,6 +27,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from utils.camera import axes_meeting_point
 from utils.mesh import component_labels
 
 
@@ -48,13 +51,16 @@ def face_centres_and_areas(vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.
 
 
 def ransac_plane(
-    points: np.ndarray, weights: np.ndarray, tolerance: float, iterations: int = 400, seed: int = 0
-) -> Tuple[np.ndarray, float]:
+    points: np.ndarray, weights: np.ndarray, tolerance: float, up: Optional[np.ndarray] = None,
+    max_tilt_deg: float = 90.0, iterations: int = 1000, seed: int = 0,
+) -> Optional[Tuple[np.ndarray, float]]:
     """The plane n . x + d = 0 (|n| = 1) that holds the largest total weight of points within
-    `tolerance`, refined by a weighted least-squares fit to its inliers.
-    points [N, 3], weights [N] -> n [3], d"""
+    `tolerance`, among planes whose normal is within max_tilt_deg of `up` (when given), refined
+    by a weighted least-squares fit to its inliers. points [N, 3], weights [N] -> n [3], d
+    (None when no candidate qualifies)"""
     rng = np.random.default_rng(seed)
     p = weights / weights.sum()
+    min_cos = np.cos(np.radians(max_tilt_deg))
     best, best_score = None, -1.0
     for _ in range(iterations):
         a, b, c = points[rng.choice(len(points), 3, replace=False, p=p)]
@@ -63,10 +69,14 @@ def ransac_plane(
         if norm < 1e-9:
             continue
         n = n / norm
+        if up is not None and abs(n @ up) < min_cos:
+            continue
         d = -float(n @ a)
         score = weights[np.abs(points @ n + d) < tolerance].sum()
         if score > best_score:
             best, best_score = (n, d), score
+    if best is None:
+        return None
     n, d = best
     inliers = np.abs(points @ n + d) < tolerance
     w = weights[inliers]
@@ -79,16 +89,20 @@ def ransac_plane(
 def find_support_plane(
     vertices: np.ndarray,
     faces: np.ndarray,
-    camera_centres: np.ndarray,
+    c2w: np.ndarray,
     radius: float,
     tolerance: float = 0.01,
     reach: float = 0.9,
     min_area_share: float = 0.05,
+    max_tilt_deg: float = 30.0,
     max_points: int = 50000,
     seed: int = 0,
 ) -> Optional[Plane]:
     """The plane the object stands on (see the module's docstring), or None when the surface
-    has none. vertices [V, 3], faces [F, 3], camera_centres [C, 3], normalised frame."""
+    has none. vertices [V, 3], faces [F, 3], c2w [C, 3, 4] the cameras (OpenCV axes), all in
+    the normalised frame. Photos are taken upright: the support's normal is within
+    max_tilt_deg of the cameras' mean up (-y) axis, and the point their optical axes meet
+    (the object) lies above it."""
     if len(faces) < 3:
         return None
     centres, areas = face_centres_and_areas(vertices, faces)
@@ -98,12 +112,18 @@ def find_support_plane(
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(centres), max_points, replace=False, p=areas / areas.sum())
         centres, areas = centres[pick], np.full(max_points, areas.sum() / max_points)
-    n, d = ransac_plane(centres, areas, tolerance, seed=seed)
-    side = camera_centres @ n + d  # [C]
-    if np.all(side < 0):
-        n, d, side = -n, -d, -side
-    if not np.all(side > 0):
+    up = -c2w[:, :, 1].mean(axis=0)
+    up = up / max(np.linalg.norm(up), 1e-12)
+    found = ransac_plane(centres, areas, tolerance, up, max_tilt_deg, seed=seed)
+    if found is None:
+        return None
+    n, d = found
+    if n @ up < 0:
+        n, d = -n, -d
+    if not np.all(c2w[:, :, 3] @ n + d > 0):
         return None  # cameras on both sides: not a support
+    if axes_meeting_point(c2w) @ n + d < 2 * tolerance:
+        return None  # the object the cameras look at is not above it
     distance = centres @ n + d
     inliers = np.abs(distance) < tolerance
     share = float(areas[inliers].sum() / areas.sum())
