@@ -76,7 +76,7 @@ def main(argv=None) -> int:
 def run_command(argv=None) -> int:
     args, overrides = parse_args(argv)
     from models.occupancy import NERFACC_FIRST_USE
-    from process_data.dtu import DatasetError
+    from process_data.loading import DatasetError
     from systems import RunPaths, Trainer
     from systems.trainer import TrainingDiverged, TrainingInterrupted
     from utils.checkpoint import CheckpointError, resolve_resume

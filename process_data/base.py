@@ -6,13 +6,45 @@ z forward); integer pixel coordinates (u, v) are pixel CENTRES; poses are camera
 `scale_mat` [4, 4] maps normalised homogeneous points back to the dataset's world frame
 (DTU: millimetres): X_world = scale_mat @ X_normalised.
 """
+import logging
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
+from utils.config import BackgroundColor
+
+log = logging.getLogger(__name__)
+
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
+
+
+@dataclass
+class DatasetConfig:
+    """The keys every dataset has; each dataset's Config extends it (and may change a default).
+    OmegaConf checks the Literal at load: a bad background_color fails naming the valid ones."""
+
+    name: str = ""
+    root_dir: str = ""
+    img_downscale: float = 1.0  # the images are loaded at 1/img_downscale of their size (must divide it)
+    apply_mask: bool = True  # replace the pixels outside the mask with the background colour
+    background_color: BackgroundColor = "random"  # random (training; white for evaluation) | white | black
+    gt_mesh: Optional[str] = None  # ground-truth mesh in the world frame (default: <root_dir>/gt_mesh.ply if present)
+
+
+def resolve_gt_mesh(config) -> Optional[str]:
+    """The scene's ground-truth mesh: dataset.gt_mesh when set (None, with a warning, when
+    that file does not exist: `dataset.gt_mesh=absent.ply` is how a run skips the mesh
+    metrics), else <root_dir>/gt_mesh.ply when present, else None (no mesh metrics)."""
+    if config.gt_mesh:
+        if not os.path.isfile(config.gt_mesh):
+            log.warning("dataset.gt_mesh %s not found: no mesh metrics", config.gt_mesh)
+            return None
+        return config.gt_mesh
+    default = os.path.join(config.root_dir, "gt_mesh.ply")
+    return default if os.path.isfile(default) else None
 
 
 @dataclass
@@ -28,6 +60,7 @@ class Views:
     scale_mat: np.ndarray
     world_mats: np.ndarray
     names: List[str]
+    mask_source: Optional[str] = None  # where the masks came from: a folder, "alpha", or None
 
 
 def split_indices(n_views: int, holdout_every: int) -> Dict[str, List[int]]:
@@ -57,7 +90,10 @@ def pixel_directions(
 
 class RayDataset:
     """Holds a scene's views on the training device; draws random rays from all training
-    views each step and gives the rays of whole views for evaluation."""
+    views each step and gives the rays of whole views for evaluation. gt_mesh: the path of
+    the scene's ground-truth mesh (world frame), or None; every dataset answers it."""
+
+    gt_mesh: Optional[str] = None
 
     def __init__(self, views: Views, holdout_every: int, apply_mask: bool, background_color: str, device):
         self.views = views

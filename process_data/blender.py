@@ -21,16 +21,15 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from process_data.base import RayDataset, Views
+from process_data.base import BackgroundColor, DatasetConfig, RayDataset, Views, resolve_gt_mesh
 from process_data.colmap import scale_matrix
-from process_data.dtu import DatasetError, downscaled_size
+from process_data.loading import DatasetError, check_same_size, downscaled_size, read_photo, resize, size_of
 from process_data.registry import DATASETS
 from utils.camera import downscale_matrix
-from utils.config import BackgroundColor, Configurable
+from utils.config import Configurable
 
 OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0])  # flips the camera's y and z axes
 
@@ -79,22 +78,16 @@ def image_path(root_dir: str, file_path: str) -> str:
     return path if os.path.splitext(path)[1] else path + ".png"
 
 
-def read_rgba(path: str, full_size: Tuple[int, int], size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
-    """An RGBA (or RGB) image that must be full_size (w, h), resized to size (w, h) -> rgb
-    [H, W, 3] uint8, alpha [H, W] in [0, 1] (ones without an alpha channel)."""
-    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise DatasetError(f"cannot read image {path} (missing, corrupt or not an image)")
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.dtype != np.uint8:
-        raise DatasetError(f"{path} is {image.dtype}; 8-bit images are expected")
-    if (image.shape[1], image.shape[0]) != full_size:
-        raise DatasetError(f"{path} is {image.shape[1]}x{image.shape[0]}, the scene's first image {full_size[0]}x{full_size[1]}")
-    if (image.shape[1], image.shape[0]) != size:
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    alpha = image[:, :, 3].astype(np.float32) / 255.0 if image.shape[2] == 4 else np.ones(image.shape[:2], np.float32)
-    return np.ascontiguousarray(image[:, :, 2::-1]), alpha
+def read_rgba(path: str, full_size: Tuple[int, int], size: Tuple[int, int], first_path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """An RGBA, RGB or gray image, 8- or 16-bit (loading.read_photo), that must be full_size
+    (w, h) like first_path, resized to size (w, h) -> rgb [H, W, 3] uint8, alpha [H, W] in
+    [0, 1] (ones without an alpha channel)."""
+    rgb, alpha = read_photo(path)
+    check_same_size(path, rgb, first_path, full_size)
+    if alpha is None:
+        return resize(rgb, size), np.ones((size[1], size[0]), np.float32)
+    rgba = resize(np.dstack([rgb, alpha]), size)  # [h, w, 4] uint8, resized together
+    return np.ascontiguousarray(rgba[:, :, :3]), rgba[:, :, 3].astype(np.float32) / 255.0
 
 
 def load_blender_scene(
@@ -108,15 +101,13 @@ def load_blender_scene(
         raise DatasetError(f"dataset.region_radius must be > 0, got {radius}")
     scale_mat = scale_matrix(np.asarray(center, dtype=np.float64), radius)
     images, masks, intrinsics, c2ws, names, view_splits = [], [], [], [], [], []
-    full_size = None
+    full_size = first_path = None
     for split, step in splits:
         meta = read_transforms(root_dir, split)
         frames = meta["frames"][::step]
         if full_size is None:
-            first = cv2.imread(image_path(root_dir, frames[0]["file_path"]), cv2.IMREAD_UNCHANGED)
-            if first is None:
-                raise DatasetError(f"cannot read image {image_path(root_dir, frames[0]['file_path'])}")
-            full_size = (first.shape[1], first.shape[0])
+            first_path = image_path(root_dir, frames[0]["file_path"])
+            full_size = size_of(read_photo(first_path)[0])
         full_w, full_h = full_size
         size = downscaled_size(full_w, full_h, img_downscale)
         try:
@@ -127,7 +118,7 @@ def load_blender_scene(
             matrix = np.asarray(frame.get("transform_matrix"), dtype=np.float64)
             if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
                 raise DatasetError(f"transforms_{split}.json: frame {frame.get('file_path')} needs a finite 4x4 transform_matrix")
-            rgb, alpha = read_rgba(image_path(root_dir, frame["file_path"]), full_size, size)
+            rgb, alpha = read_rgba(image_path(root_dir, frame["file_path"]), full_size, size, first_path)
             c2w = opengl_to_opencv(matrix[:3, :4])
             c2w[:, 3] = (c2w[:, 3] - scale_mat[:3, 3]) / radius
             images.append(rgb)
@@ -152,7 +143,7 @@ def load_blender_scene(
 @DATASETS.register("blender")
 class BlenderDataset(Configurable, RayDataset):
     @dataclass
-    class Config:
+    class Config(DatasetConfig):
         name: str = "blender"
         root_dir: str = "./inputs/nerf_synthetic/lego"
         img_downscale: float = 1.0  # 2: 800x800 -> 400x400
@@ -163,7 +154,6 @@ class BlenderDataset(Configurable, RayDataset):
         region_radius: float = 1.5  # the object lies within this radius of region_center
         apply_mask: bool = True  # composite onto background_color by alpha per ray; false: onto white at load
         background_color: BackgroundColor = "white"  # white (nerf_synthetic's) | black | random (a colour per ray)
-        gt_mesh: str = ""  # ground-truth mesh in the Blender frame, if any
 
     def __init__(self, config: "BlenderDataset.Config", device="cpu"):
         if config.test_every < 1:
@@ -179,6 +169,7 @@ class BlenderDataset(Configurable, RayDataset):
         self.split = {"train": list(range(n_train)), "test": list(range(n_train, len(view_splits)))}
         self.train_views = self.train_views.new_tensor(self.split["train"])
         self.config = config
+        self.gt_mesh = resolve_gt_mesh(config)
 
 
 def composite_on_white(images: np.ndarray, alpha: np.ndarray) -> np.ndarray:

@@ -17,16 +17,15 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-import cv2
 import numpy as np
 import trimesh
 from tqdm import tqdm
 
-from process_data.base import RayDataset, Views
-from process_data.dtu import DatasetError, downscaled_size, read_image
+from process_data.base import DatasetConfig, RayDataset, Views, resolve_gt_mesh
+from process_data.loading import DatasetError, binary_mask, downscaled_size, find_mask, read_image
 from process_data.registry import DATASETS
 from utils.camera import axes_meeting_point, downscale_matrix
-from utils.config import BackgroundColor, Configurable
+from utils.config import Configurable
 
 SPARSE_MODEL = os.path.join("sparse", "0")
 IMAGE_DIRS = ("images_undistorted", "images")
@@ -200,12 +199,9 @@ def first_folder(root_dir: str, candidates) -> Optional[str]:
 
 
 def mask_path(mask_dir: str, name: str) -> str:
-    """The mask of photo `name`: mask_dir/NAME, NAME.png or STEM.png (COLMAP and NeuS habits)."""
-    stem = os.path.splitext(name)[0]
-    for candidate in (name, name + ".png", stem + ".png"):
-        if os.path.isfile(os.path.join(mask_dir, candidate)):
-            return os.path.join(mask_dir, candidate)
-    raise DatasetError(f"no mask for photo {name} in {mask_dir} (expected {name}, {name}.png or {stem}.png)")
+    """The mask of photo `name`: mask_dir/NAME, NAME.png (COLMAP's habit), or a name that
+    differs only in extension or zero-padding (STEM.png, STEM.jpg, 1.png for 0001.jpg...)."""
+    return find_mask(mask_dir, name)
 
 
 def load_colmap_scene(root_dir: str, sparse_dir: str, img_downscale: float, use_masks: bool, margin: float) -> Views:
@@ -225,12 +221,15 @@ def load_colmap_scene(root_dir: str, sparse_dir: str, img_downscale: float, use_
         path = os.path.join(image_dir, name)
         if not os.path.isfile(path):
             raise DatasetError(f"{path} not found: the COLMAP model in {sparse_dir} registers photo {name}")
-        images.append(read_image(path, full_size, (width, height)))
+        images.append(read_image(path, full_size, (width, height), first_path=f"the COLMAP camera of {name}"))
     masks = None
     mask_dir = first_folder(root_dir, MASK_DIRS)
     if use_masks and mask_dir is not None:
-        masks = np.stack([read_image(mask_path(mask_dir, n), full_size, (width, height), grayscale=True) for n in model.names])
-        masks = (masks > 127).astype(np.float32)
+        masks = np.stack([
+            binary_mask(read_image(mask_path(mask_dir, n), full_size, (width, height), grayscale=True,
+                                   first_path=os.path.join(image_dir, n)))
+            for n in model.names
+        ])
     world_mats = world_projections(model)
     world_mats[:, :3, :4] = rescale @ world_mats[:, :3, :4]
     return Views(
@@ -247,7 +246,7 @@ def load_colmap_scene(root_dir: str, sparse_dir: str, img_downscale: float, use_
 @DATASETS.register("colmap")
 class ColmapDataset(Configurable, RayDataset):
     @dataclass
-    class Config:
+    class Config(DatasetConfig):
         name: str = "colmap"
         root_dir: str = "./inputs/my_capture"
         sparse_dir: str = SPARSE_MODEL  # relative to root_dir: an undistorted (pinhole) model
@@ -255,9 +254,7 @@ class ColmapDataset(Configurable, RayDataset):
         region_margin: float = 1.1  # automatic region: radius of the well-seen sparse points times this
         use_masks: bool = True  # load masks_undistorted/ (or masks/) when present
         apply_mask: bool = False  # true: train on the masked object (needs masks)
-        background_color: BackgroundColor = "random"  # random | white | black
         holdout_every: int = 8  # views 0, K, 2K... are held out for testing; 0: none
-        gt_mesh: str = ""  # ground-truth mesh in the COLMAP world frame, if any
 
     def __init__(self, config: "ColmapDataset.Config", device="cpu"):
         views = load_colmap_scene(config.root_dir, config.sparse_dir, config.img_downscale, config.use_masks, config.region_margin)
@@ -265,3 +262,4 @@ class ColmapDataset(Configurable, RayDataset):
             raise DatasetError(f"dataset.apply_mask is true but {config.root_dir} has no {' or '.join(MASK_DIRS)} folder")
         super().__init__(views, config.holdout_every, config.apply_mask, config.background_color, device)
         self.config = config
+        self.gt_mesh = resolve_gt_mesh(config)

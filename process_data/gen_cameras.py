@@ -37,7 +37,7 @@ from process_data.colmap import (
     IMAGE_DIRS, MASK_DIRS, SPARSE_MODEL, SparseModel, first_folder, mask_path, read_sparse_model,
     region_of_interest, world_projections,
 )
-from process_data.dtu import DatasetError
+from process_data.loading import DatasetError, binary_mask, check_same_size, read_mask, read_photo
 
 
 def neus_cameras(world_mats: np.ndarray, K: np.ndarray, scale_mat: np.ndarray) -> Dict[str, np.ndarray]:
@@ -68,9 +68,7 @@ def write_views(scene_dir: str, model: SparseModel, image_dir: str, mask_dir) ->
             os.remove(stale)
     full = np.full((model.height, model.width), 255, np.uint8)
     for i, name in enumerate(tqdm(model.names, desc="writing image/ and mask/", unit="view")):
-        image = cv2.imread(os.path.join(image_dir, name), cv2.IMREAD_COLOR)
-        if image is None:
-            raise DatasetError(f"cannot read {os.path.join(image_dir, name)}, a photo of the COLMAP model")
+        image = np.ascontiguousarray(read_photo(os.path.join(image_dir, name))[0][:, :, ::-1])  # 8-bit BGR, whatever the photo was
         if (image.shape[1], image.shape[0]) != (model.width, model.height):
             raise DatasetError(
                 f"{os.path.join(image_dir, name)} is {image.shape[1]}x{image.shape[0]} but the COLMAP camera is "
@@ -79,10 +77,9 @@ def write_views(scene_dir: str, model: SparseModel, image_dir: str, mask_dir) ->
         mask = full
         if mask_dir is not None:
             path = mask_path(mask_dir, name)
-            mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-            if mask is None or mask.shape != full.shape:
-                raise DatasetError(f"mask {path} is unreadable or not {model.width}x{model.height}")
-            mask = np.where(mask > 127, 255, 0).astype(np.uint8)
+            mask = read_mask(path)
+            check_same_size(path, mask, os.path.join(image_dir, name), (model.width, model.height), "mask")
+            mask = (binary_mask(mask) * 255).astype(np.uint8)
         cv2.imwrite(os.path.join(out_images, f"{i:06d}.png"), image)
         cv2.imwrite(os.path.join(out_masks, f"{i:06d}.png"), mask)
 

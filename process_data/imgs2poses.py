@@ -1,13 +1,17 @@
 """Camera poses for a folder of photos: structure from motion with pycolmap (COLMAP as a
 PyPI wheel, no system COLMAP needed), then undistortion to a pinhole camera.
 
-Reads DIR/images/*.jpg|png (your photos, left untouched); writes
+Reads DIR/images/*.jpg|jpeg|png in any letter case, 8 or 16 bits, gray, RGB or RGBA (your photos,
+left untouched; process_data/loading.py says what is accepted), and DIR/masks/ (the mask of
+photos/0001.jpg may be masks/0001.png, 1.png, 0001.jpg.png...); writes
 
     DIR/colmap/database.db      SIFT features and geometrically verified matches
     DIR/colmap/images_upright/  when a photo carries an EXIF rotation (phones): all photos, that
                                 one turned upright, for COLMAP (which ignores the EXIF tag)
     DIR/colmap/masks/           when DIR/masks/ is present: your masks, binarised and named as
                                 COLMAP wants them (NAME.png), to keep SIFT features on the object
+    DIR/colmap/masks_from_alpha/  without DIR/masks/, when the photos are cut-outs with alpha
+                                channels: the alphas as masks (NAME.png), used as DIR/masks/ would be
     DIR/colmap/sparse/0/        the model as mapped: one shared camera with lens distortion
     DIR/sparse/0/               the UNDISTORTED model: one PINHOLE camera, the poses of the
                                 registered photos, the sparse points (cameras/images/points3D.bin)
@@ -52,7 +56,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from process_data.colmap import SPARSE_MODEL, import_pycolmap, mask_path
-from process_data.dtu import DatasetError, list_images
+from process_data.loading import MIN_VIEWS, DatasetError, alpha_masks, has_alpha, list_images, read_photo
+from process_data.loading import read_mask as read_mask_file
 
 pycolmap = import_pycolmap()
 
@@ -83,16 +88,19 @@ class SfMOptions:
 
 
 def photo_names(image_dir: str) -> List[str]:
-    """Names (relative to image_dir) of the photos to reconstruct; at least two."""
+    """Names (relative to image_dir) of the photos to reconstruct (.png/.jpg/.jpeg in any
+    letter case); at least MIN_VIEWS."""
     if not os.path.isdir(image_dir):
         raise DatasetError(f"{image_dir} not found: put your photos (.jpg/.png) in an images/ folder inside the scene folder")
     names = [os.path.basename(p) for p in list_images(image_dir)]
     if not names:
         raise DatasetError(f"no images (.png/.jpg) in {image_dir}")
-    if len(names) == 1:
+    if len(names) < MIN_VIEWS:
+        held = "a single photo" if len(names) == 1 else f"only {len(names)} photos"
         raise DatasetError(
-            f"{image_dir} holds a single photo ({names[0]}): structure from motion needs at least 2 overlapping "
-            "photos, and NeuS about 20 (simple object) to 40 (complex object) from all around it"
+            f"{image_dir} holds {held} ({', '.join(names)}): structure from motion needs overlapping photos, and "
+            f"NeuS at least {MIN_VIEWS} views, about 20 (simple object) to 40 (complex object) from all around it; "
+            "add photos"
         )
     return names
 
@@ -120,12 +128,37 @@ def verified_partners(database_path: str, min_inliers: int) -> Dict[str, int]:
 
 
 def read_mask(path: str, name: str, width: int, height: int) -> np.ndarray:
-    """The user's mask at `path` of photo `name` as [H, W] uint8 grayscale, which must be
-    width x height like the photo."""
-    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    """The user's mask at `path` of photo `name` (1, 3 or 4 channels, 8 or 16 bits, PNG or
+    JPEG: loading.read_mask) as [H, W] uint8, which must be width x height like the photo."""
+    try:
+        mask = read_mask_file(path)
+    except DatasetError:
+        mask = None
     if mask is None or mask.shape != (height, width):
         raise DatasetError(f"mask {path} is unreadable or not {width}x{height} like photo {name}")
     return mask
+
+
+ALPHA_MASKS = "masks_from_alpha"
+
+
+def masks_from_alpha(image_dir: str, names: List[str], work_dir: str) -> Optional[str]:
+    """When the photos carry alpha channels (cut-outs: the object opaque, the rest transparent)
+    and there is no masks/ folder: their alphas as masks in work_dir/masks_from_alpha/NAME.png
+    (the folder), used as the user's masks would be; None when no photo has a useful alpha.
+    Refused when some photos have one and others do not."""
+    with_alpha = [has_alpha(os.path.join(image_dir, name)) for name in names]
+    if not any(with_alpha):
+        return None
+    alphas = [read_photo(os.path.join(image_dir, name))[1] if has else None for name, has in zip(names, with_alpha)]
+    if alpha_masks([os.path.join(image_dir, n) for n in names], alphas, USER_MASKS + "/") is None:
+        return None  # every alpha channel fully opaque: no mask in them
+    out_dir = os.path.join(work_dir, ALPHA_MASKS)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, alpha in zip(names, alphas):
+        cv2.imwrite(os.path.join(out_dir, name + ".png"), np.where(alpha > MASK_THRESHOLD, 255, 0).astype(np.uint8))
+    log.info("no %s folder: the photos' alpha channels are the masks (written to %s)", USER_MASKS, out_dir)
+    return out_dir
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 (or absent) means the pixels are stored upright
@@ -386,6 +419,8 @@ def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):
 
     start = time.time()
     mask_dir = os.path.join(scene_dir, USER_MASKS)
+    if not os.path.isdir(mask_dir):
+        mask_dir = masks_from_alpha(image_dir, names, work_dir) or mask_dir
     feature_mask_dir = None
     if options.feature_masks and os.path.isdir(mask_dir):
         feature_mask_dir = os.path.join(work_dir, USER_MASKS)

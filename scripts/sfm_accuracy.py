@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from process_data.dtu import decompose_projection, list_images  # noqa: E402
+from process_data.loading import decompose_projection, list_images  # noqa: E402
 from process_data.gen_cameras import gen_cameras  # noqa: E402
 from process_data.imgs2poses import SfMOptions, run_sfm  # noqa: E402
 from utils.camera import aligned_pose_errors, downscale_matrix  # noqa: E402

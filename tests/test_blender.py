@@ -11,7 +11,7 @@ import torch
 
 from process_data.base import pixel_directions
 from process_data.blender import BlenderDataset, opengl_to_opencv
-from process_data.dtu import DatasetError
+from process_data.loading import DatasetError
 from utils.camera import project
 from systems.config import load_config
 

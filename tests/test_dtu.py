@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from process_data.base import RayDataset, split_indices
-from process_data.dtu import DatasetError, DTUDataset, load_neus_scene
+from process_data.dtu import DTUDataset, load_neus_scene
+from process_data.loading import DatasetError
 from utils.camera import project
 
 N_VIEWS, H, W = 49, 150, 200
@@ -193,3 +194,43 @@ def test_scene_without_images_or_cameras_names_what_is_missing(tmp_path):
     with pytest.raises(DatasetError) as err:
         load_neus_scene(str(tmp_path), "cameras_sphere.npz", 1, True)
     assert str(tmp_path / "cameras_sphere.npz") in str(err.value)
+
+
+# --- the dataset configs' shared base ---------------------------------------------------------
+
+
+def test_every_dataset_config_builds_on_the_base():
+    """The shared keys are declared once (DatasetConfig); every dataset answers gt_mesh."""
+    import dataclasses
+
+    from process_data import DATASETS
+    from process_data.base import DatasetConfig
+
+    shared = {f.name for f in dataclasses.fields(DatasetConfig)}
+    assert {"root_dir", "img_downscale", "apply_mask", "background_color", "gt_mesh"} <= shared
+    for name in DATASETS.names():
+        cls = DATASETS.get(name)
+        assert issubclass(cls.Config, DatasetConfig), name
+        assert issubclass(cls, RayDataset) and "gt_mesh" in dir(cls), name
+
+
+@pytest.mark.parametrize("config", ["neus-dtu-wmask-cpu.yaml", "neus-blender.yaml", "neus-colmap.yaml", "neus-demo.yaml"])
+def test_bad_background_color_fails_at_load_with_the_valid_values(config):
+    from tests.conftest import ROOT
+    from utils.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(os.path.join(ROOT, "confs", config), ["dataset.background_color=pink"])
+    message = str(err.value)
+    assert "dataset.background_color" in message and "pink" in message
+    assert all(choice in message for choice in ("white", "black", "random"))
+
+
+def test_gt_mesh_is_the_configured_file_the_scene_default_or_none(cached_scene, tmp_path):
+    config = DTUDataset.Config(root_dir=cached_scene, img_downscale=8)
+    assert DTUDataset(config, "cpu").gt_mesh is None  # scan 24 here has no gt_mesh.ply
+    mesh = tmp_path / "gt.ply"
+    mesh.write_text("ply\n")
+    assert DTUDataset(DTUDataset.Config(root_dir=cached_scene, img_downscale=8, gt_mesh=str(mesh)), "cpu").gt_mesh == str(mesh)
+    absent = DTUDataset.Config(root_dir=cached_scene, img_downscale=8, gt_mesh=str(tmp_path / "absent.ply"))
+    assert DTUDataset(absent, "cpu").gt_mesh is None  # how a run skips the mesh metrics

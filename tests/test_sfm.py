@@ -16,7 +16,8 @@ from PIL import Image
 pycolmap = pytest.importorskip("pycolmap", reason="pycolmap is not installed (pip install -r requirements.txt)")
 
 from process_data.colmap import ColmapDataset, load_colmap_scene, read_sparse_model  # noqa: E402
-from process_data.dtu import DatasetError, decompose_projection, load_neus_scene  # noqa: E402
+from process_data.dtu import load_neus_scene  # noqa: E402
+from process_data.loading import DatasetError, decompose_projection  # noqa: E402
 from process_data.gen_cameras import gen_cameras  # noqa: E402
 from process_data.imgs2poses import (  # noqa: E402
     SfMOptions, exif_orientation, extract_features, run_sfm, upright_photos, write_feature_masks,

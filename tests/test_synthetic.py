@@ -104,7 +104,7 @@ def test_generated_once_and_regenerated_when_parameters_change(tmp_path, monkeyp
     assert (os.path.getmtime(marker), os.path.getmtime(first)) == stamps
     # other parameters: re-rendered, stale views gone
     synthetic.make_demo_scene(out, n_views=2, width=40, height=30)
-    views = load_neus_scene(out, "cameras_sphere.npz", 1.0, use_masks=True)
+    views = load_neus_scene(out, "cameras_sphere.npz", 1.0, use_masks=True, min_views=2)
     assert views.images.shape == (2, 30, 40, 3) and views.masks.shape == (2, 30, 40)
     assert json.load(open(marker))["params"]["width"] == 40
     # overwrite forces a new render
