@@ -83,6 +83,11 @@ class ExportConfig:
     isolate: bool = False
     isolate_margin: float = 0.02
     isolate_tolerance: float = 0.01  # RANSAC inlier distance of the plane
+    # a textured mesh beside the coloured one (systems/texture.py): it<step>-mc<res>-textured.obj
+    # (+ .mtl, .png) and .glb, the mesh decimated to texture_faces, a texture_size^2 atlas
+    texture: bool = False
+    texture_faces: int = 100000
+    texture_size: int = 2048
 
 
 @dataclass

@@ -360,6 +360,10 @@ class NeuSSystem(BaseSystem):
         colors = self.model.surface_colors(points, cfg.mesh_chunk).cpu().numpy()
         stem = os.path.join(self.paths.save_dir, f"it{self.global_step:06d}-mc{cfg.mesh_resolution}")
         paths = save_mesh(stem, vertices_world, faces, colors, list(cfg.formats))
+        if cfg.texture:
+            from systems.texture import export_textured
+
+            paths += export_textured(self.model, vertices, faces, self.dataset.views.scale_mat, cfg, stem, self.device)
         log.info("mesh: %d vertices, %d faces -> %s", len(vertices_world), len(faces), ", ".join(paths))
         if removed is not None and len(removed):
             removed_world, removed = remove_unused_vertices(to_world(surface[0], self.dataset.views.scale_mat), removed)
