@@ -172,6 +172,7 @@ class BaseSystem(Configurable):
         self.rollbacks = 0
         self.bad_steps_in_a_row = 0
         self._stop_signal: Optional[int] = None
+        self.step_callbacks: List[Any] = []  # called with the step after each training step (the live viewer)
         self._writer = None
         # {config key: backend} of every component, and trainer.precision; fails here (ConfigError
         # naming the key) when the device cannot serve a request, before any model is built
@@ -251,6 +252,8 @@ class BaseSystem(Configurable):
             self.global_step += 1
             stats["seconds_per_step"] = time.perf_counter() - start
             bar.update(1)
+            for callback in self.step_callbacks:
+                callback(self.global_step)
             if stats["skipped"]:
                 self.on_bad_step(stats)
                 if self.global_step < bar.n:  # rolled back

@@ -54,6 +54,7 @@ class RunConfig:
     system: Any = None
     trainer: Any = None
     export: Any = None
+    viewer: Any = None
 
 
 def valid_keys(schema: Type) -> List[str]:
@@ -138,6 +139,7 @@ def validate(raw: DictConfig) -> DictConfig:
     from models import MODELS
     from process_data import DATASETS
     from systems import SYSTEMS, ExportConfig, TrainerConfig
+    from systems.viewer import ViewerConfig
 
     # the named sections first: an unknown name is the error to report, not what follows from it
     named = {
@@ -150,6 +152,7 @@ def validate(raw: DictConfig) -> DictConfig:
     sections.update(named)
     sections["trainer"] = parse_structured(TrainerConfig, raw.get("trainer"), "trainer")
     sections["export"] = parse_structured(ExportConfig, raw.get("export"), "export")
+    sections["viewer"] = parse_structured(ViewerConfig, raw.get("viewer"), "viewer")
     conf = OmegaConf.create(sections)
     try:
         OmegaConf.resolve(conf)
