@@ -144,6 +144,7 @@ class Viewer:
                 return None
             self.server.scene.add_mesh_trimesh("/mesh", mesh)
             path = f"live mesh at step {self.system.global_step}"
+        log.info("viewer: showing %s", path)
         self.mesh_status.content = f"**Mesh**: {os.path.basename(path)}"
         return path
 
@@ -193,6 +194,7 @@ class Viewer:
     def _on_render_click(self, event) -> None:
         with self._lock:
             self._pending = (event.client.client_id, int(self.width_slider.value))
+        log.info("viewer: client %d asks for a render at width %d", *self._pending)
 
     # --- the caller's thread --------------------------------------------------------------
     def on_step(self, step: int) -> None:
@@ -222,6 +224,8 @@ class Viewer:
         self.render_status.content = (f"Volume render at step {self.system.global_step}, {rgb.shape[1]}x{rgb.shape[0]}, "
                                       f"{time.perf_counter() - start:.1f} s")
         self._last_request = (client_id, width)
+        log.info("viewer: rendered the browser's view at step %d, %dx%d", self.system.global_step, rgb.shape[1],
+                 rgb.shape[0])
 
     def render_pose(self, rotation: np.ndarray, position: np.ndarray, fov: float, aspect: float, width: int) -> np.ndarray:
         """Volume-render a camera given in the world frame (OpenCV axes, vertical fov in
