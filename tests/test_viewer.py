@@ -113,7 +113,7 @@ def tiny_run(tmp_path_factory):
     scene = str(base / "scene")
     make_demo_scene(scene, n_views=8, width=80, height=60)
     process, lines = start(["--train", "--outputs_dir", str(base / "runs"), f"dataset.root_dir={scene}", *TINY,
-                            "viewer.enabled=true", "viewer.port=0", "viewer.refresh_every=3"])
+                            "viewer.enabled=true", "viewer.port=0", "viewer.refresh_every=3", "viewer.mesh_resolution=32"])
     log = []
     try:
         wait_for_line(process, lines, log, "viewer: serving", timeout=600)
