@@ -116,7 +116,7 @@ def tiny_run(tmp_path_factory):
                             "viewer.enabled=true", "viewer.port=0", "viewer.refresh_every=3", "viewer.mesh_resolution=32"])
     log = []
     try:
-        wait_for_line(process, lines, log, "viewer: serving", timeout=600)
+        wait_for_line(process, lines, log, "viewer: serving", timeout=1500)
     finally:
         output = stop(process, lines, log)
     assert process.returncode == 0, output[-3000:]
