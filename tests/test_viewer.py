@@ -95,7 +95,7 @@ def stop(process, lines, log) -> str:
     """Ctrl-C, then the whole output."""
     process.send_signal(signal.SIGINT)
     try:
-        process.wait(timeout=60)
+        process.wait(timeout=180)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
