@@ -243,13 +243,15 @@ class Viewer:
         return (images["rgb"].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
     def serve_forever(self) -> None:
-        """Serve until Ctrl-C (SIGINT) or SIGTERM; renders run on this thread."""
+        """Serve until Ctrl-C (SIGINT) or SIGTERM; renders run on this thread. Only from the
+        main thread (signal handlers)."""
         import signal
 
         def stop(signum, frame):
             raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, stop)
+        # both set here: a process started in the background by a shell inherits SIGINT ignored
+        previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         print(f"viewer: serving {self.url} until Ctrl-C", flush=True)
         try:
             while True:
@@ -258,5 +260,6 @@ class Viewer:
         except KeyboardInterrupt:
             log.info("viewer: stopped")
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.server.stop()
