@@ -12,6 +12,7 @@ from process_data import DATASETS
 from systems.export import ExportConfig
 from systems.registry import SYSTEMS
 from systems.trainer import TrainerConfig
+from systems.viewer import ViewerConfig
 from utils.config import ConfigError, load_yaml_chain, parse_overrides, parse_structured
 
 
@@ -28,6 +29,7 @@ class RunConfig:
     system: Any = None
     trainer: Any = None
     export: Any = None
+    viewer: Any = None
 
 
 def validate(raw: DictConfig) -> DictConfig:
@@ -43,6 +45,7 @@ def validate(raw: DictConfig) -> DictConfig:
     sections.update(named)
     sections["trainer"] = parse_structured(TrainerConfig, raw.get("trainer"), "trainer")
     sections["export"] = parse_structured(ExportConfig, raw.get("export"), "export")
+    sections["viewer"] = parse_structured(ViewerConfig, raw.get("viewer"), "viewer")
     conf = OmegaConf.create(sections)
     try:
         OmegaConf.resolve(conf)

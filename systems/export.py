@@ -49,6 +49,11 @@ class ExportConfig:
     isolate: bool = False
     isolate_margin: float = 0.02
     isolate_tolerance: float = 0.01  # RANSAC inlier distance of the plane
+    # a textured mesh beside the coloured one (systems/texture.py): it<step>-mc<res>-textured.obj
+    # (+ .mtl, .png) and .glb, the mesh decimated to texture_faces, a texture_size^2 atlas
+    texture: bool = False
+    texture_faces: int = 100000
+    texture_size: int = 2048
 
 
 @dataclass
@@ -83,11 +88,15 @@ class MeshExport:
             return []
         points = torch.from_numpy(mesh.vertices.astype(np.float32)).to(self.device)
         colors = self.model.surface_colors(points, cfg.mesh_chunk).cpu().numpy()
-        paths = save_mesh(mesh_stem(save_dir, step, cfg.mesh_resolution), mesh.vertices_world, mesh.faces, colors,
-                          list(cfg.formats))
+        stem = mesh_stem(save_dir, step, cfg.mesh_resolution)
+        paths = save_mesh(stem, mesh.vertices_world, mesh.faces, colors, list(cfg.formats))
+        if cfg.texture:
+            from systems.texture import export_textured
+
+            paths += export_textured(self.model, mesh.vertices, mesh.faces, self.dataset.views.scale_mat, cfg, stem,
+                                     self.device)
         log.info("mesh: %d vertices, %d faces -> %s", len(mesh.vertices_world), len(mesh.faces), ", ".join(paths))
         if mesh.removed is not None and len(mesh.removed[1]):
-            stem = mesh_stem(save_dir, step, cfg.mesh_resolution)
             removed_path = save_mesh(f"{stem}-removed", *mesh.removed, None, ["ply"])[0]
             log.info("isolate: the cut-off support and pieces (%d faces) -> %s", len(mesh.removed[1]), removed_path)
         return paths

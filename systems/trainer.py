@@ -195,6 +195,7 @@ class Trainer:
         self.rollbacks = 0
         self.bad_steps_in_a_row = 0
         self._stop_signal: Optional[int] = None
+        self.step_callbacks: List[Any] = []  # called with the step after each training step (the live viewer)
         self._writer = None
         # {config key: backend} of every component, and trainer.precision, decided once here;
         # fails (ConfigError naming the key) when the device cannot serve a request, before any
@@ -350,6 +351,8 @@ class Trainer:
         while self.global_step < cfg.max_steps:
             result = self.step()
             bar.update(1)
+            for callback in self.step_callbacks:
+                callback(self.global_step)
             if result.skipped:
                 if self.global_step < bar.n:  # rolled back
                     bar.reset(total=cfg.max_steps)
