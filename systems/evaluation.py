@@ -2,8 +2,8 @@
 (PSNR/SSIM, metrics.json) and the orbit video.
 
 Rank-agnostic: every rank calls these, and each shares out its work through the one helper
-utils.distributed.map_in_turns (rank r takes items r, r + N, ...; rank 0 gathers the results
-and alone writes images, TensorBoard and metrics.json). The items are whole test views, whole
+it is given, utils.distributed.Shards (map_in_turns: rank r takes items r, r + N, ...; rank 0
+gathers the results and alone writes images, TensorBoard and metrics.json). The items are whole test views, whole
 orbit frames, or the N blocks of a validation view's rays. In one process it is a plain map.
 No rank waits in a collective while another renders a whole test set.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import distributed as dist
+from utils.distributed import Shards
 from utils.camera import downscale_matrix, orbit_poses
 from utils.metrics import psnr, ssim
 from utils.misc import map_in_chunks
@@ -43,8 +43,10 @@ def as_images(rendered: Dict[str, torch.Tensor], height: int, width: int) -> Dic
 class Evaluation:
     """Renders of `model` over `dataset`'s views and cameras, and their metrics."""
 
-    def __init__(self, model: torch.nn.Module, dataset, trainer_config, device: torch.device):
+    def __init__(self, model: torch.nn.Module, dataset, trainer_config, device: torch.device,
+                 shards: Shards = Shards()):
         self.model = model
+        self.shards = shards
         self.dataset = dataset
         self.config = trainer_config
         self.device = device
@@ -92,13 +94,13 @@ class Evaluation:
         view = self.validation_view()
         rays = self.dataset.view_rays(view)
         h, w = self.dataset.height, self.dataset.width
-        blocks = [dist.share_of(h * w, r, dist.world_size()) for r in range(dist.world_size())]
+        blocks = self.shards.blocks(h * w)
 
         def render_block(block: slice) -> Dict[str, torch.Tensor]:  # on the CPU, to travel to rank 0
             return {k: v.cpu() for k, v in self.render_rays({k: v[block] for k, v in rays.items()}).items()}
 
-        parts = [part for _, part in dist.map_in_turns(render_block, blocks)]
-        if not dist.is_main():
+        parts = [part for _, part in self.shards.map(render_block, blocks)]
+        if not self.shards.writes:
             return {}
         rendered = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         images = with_ground_truth(as_images(rendered, h, w), {k: v.cpu() for k, v in rays.items()}, h, w)
@@ -117,9 +119,9 @@ class Evaluation:
         their metrics by '<view:06d>' (renders written to out_dir)."""
         views = self.dataset.split["test"] or self.dataset.split["train"][::8]
         per_view = {}
-        turns = dist.map_in_turns(self.test_view, views)
+        turns = self.shards.map(self.test_view, views)
         for view, (rgb, view_metrics) in tqdm(turns, total=len(views), desc="test views", leave=False,
-                                              disable=not dist.is_main()):
+                                              disable=not self.shards.writes):
             save_image(os.path.join(out_dir, f"{view:06d}.png"), rgb)
             per_view[f"{view:06d}"] = view_metrics
         return views, per_view
@@ -136,11 +138,11 @@ class Evaluation:
         poses = torch.from_numpy(orbit_poses(self.dataset.views.c2w, self.config.n_test_traj_steps)
                                  .astype(np.float32))  # [n, 3, 4]
         frames = []
-        turns = dist.map_in_turns(lambda i: self.orbit_frame(poses[i]), range(len(poses)))
-        for i, frame in tqdm(turns, total=len(poses), desc="orbit video", leave=False, disable=not dist.is_main()):
+        turns = self.shards.map(lambda i: self.orbit_frame(poses[i]), range(len(poses)))
+        for i, frame in tqdm(turns, total=len(poses), desc="orbit video", leave=False, disable=not self.shards.writes):
             save_image(os.path.join(out_dir, f"traj-{i:04d}.png"), frame)
             frames.append(to_uint8(frame))
-        if not dist.is_main():
+        if not self.shards.writes:
             return None
         imageio.mimwrite(video_path, frames, fps=30, quality=8, macro_block_size=2)
         log.info("orbit video: %s", video_path)
@@ -165,7 +167,7 @@ class Evaluation:
         views, per_view = self.test_views(out_dir)
         video = self.render_orbit(out_dir, os.path.join(save_dir, f"it{step:06d}-test.mp4"))
         mesh_paths = export_mesh()
-        if not dist.is_main():
+        if not self.shards.writes:
             return {}
         mean = {k: float(np.mean([m[k] for m in per_view.values()])) for k in next(iter(per_view.values()))}
         metrics = {"step": step, "views": per_view, "mean": mean, "video": video}

@@ -1,8 +1,8 @@
 """Mesh export of a trained model over its dataset: marching cubes on the SDF (coarse, then
 fine), clean-up (largest component, mask culling), vertex colours, the mesh written in the
 dataset's world frame, and its metrics against a ground-truth mesh. Every rank calls
-`export` (each evaluates a share of the SDF grid's planes); rank 0 runs marching cubes, the
-clean-up and writes the files.
+`export` (each evaluates a block of the SDF grid's planes, through the Shards helper it is
+given); rank 0 runs marching cubes, the clean-up and writes the files.
 
 A hook that writes more from the same surface (a textured mesh) takes the `Mesh` that
 `extract` returns: vertices and faces in the normalised and the world frame.
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import trimesh
 
-from utils import distributed as dist
+from utils.distributed import Shards
 from utils.config import MeshFormat
 from utils.mesh import (
     extract_surface,
@@ -73,8 +73,10 @@ class MeshExport:
     """The surface of `model` (its mesh_sdf and surface_colors) over `dataset` (its frame,
     cameras and masks)."""
 
-    def __init__(self, model: torch.nn.Module, dataset, config: ExportConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, dataset, config: ExportConfig, device: torch.device,
+                 shards: Shards = Shards()):
         self.model = model
+        self.shards = shards
         self.dataset = dataset
         self.config = config
         self.device = device
@@ -147,21 +149,21 @@ class MeshExport:
         self.model.eval()
         # rank 0 alone holds the coarse grid: the others take its fine box, so all evaluate one grid
         return extract_surface(self.sdf_grid, self.model.config.radius, cfg.mesh_resolution, cfg.mesh_threshold,
-                               agree=dist.broadcast_object)
+                               agree=self.shards.agree)
 
     def sdf_grid(self, bounds: np.ndarray, resolution: int) -> Tuple[Optional[np.ndarray], np.ndarray]:
         """utils.mesh.sdf_on_grid with the x-planes shared out in N blocks (map_in_turns: rank r
         evaluates block r) -> the whole grid [nx, ny, nz] on rank 0 (None elsewhere), and the
         voxel size."""
         n_planes = grid_shape(bounds, resolution)[0][0]
-        blocks = [dist.share_of(n_planes, r, dist.world_size()) for r in range(dist.world_size())]
+        blocks = self.shards.blocks(n_planes)
 
         def planes(block: slice) -> Tuple[np.ndarray, np.ndarray]:  # [planes in block, ny, nz], voxel
             return sdf_on_grid(self.model.mesh_sdf, bounds, resolution, self.config.mesh_chunk, self.device, block)
 
-        parts = [part for _, part in dist.map_in_turns(planes, blocks)]
+        parts = [part for _, part in self.shards.map(planes, blocks)]
         voxel = np.full(3, grid_shape(bounds, resolution)[1])
-        return (np.concatenate([values for values, _ in parts]) if dist.is_main() else None), voxel
+        return (np.concatenate([values for values, _ in parts]) if self.shards.writes else None), voxel
 
     def metrics(self, mesh_path: str, gt_path: str) -> Dict[str, float]:
         """Chamfer / F-score against the ground-truth mesh at gt_path, if there is one (world units)."""

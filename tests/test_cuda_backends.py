@@ -85,7 +85,7 @@ def test_hash_grid_harness_torch_against_the_per_point_reference():
 def test_tcnn_flat_parameters_are_the_table_row_major():
     """Level l, entry e, feature f sits at (offset_l + e) F + f; a size mismatch is refused."""
     grid = HashGrid(full_band_config(n_levels=3, n_features_per_level=2, log2_hashmap_size=9,
-                                     base_resolution=3, per_level_scale=2.0), 3, "cpu")
+                                     base_resolution=3, per_level_scale=2.0), 3)
     table = torch.arange(grid.table.numel(), dtype=torch.float32).view(grid.table.shape)
     flat = tcnn_params_from_table(table, table.numel())
     offset, entry, feature = grid.levels.offsets[2], 5, 1

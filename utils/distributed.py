@@ -177,3 +177,27 @@ def map_in_turns(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[Tuple[T, 
         results = gather_objects(fn(turn[rank()]) if rank() < len(turn) else None)
         if is_main():
             yield from zip(turn, results)
+
+
+class Shards:
+    """What rank-agnostic evaluation needs of the process group, in one place: `map` is
+    map_in_turns (rank r takes items r, r + N, ...; rank 0 gets every result), `blocks(n)`
+    the N contiguous blocks of n rows (one item per rank), `writes` whether this process
+    writes the results (rank 0), `agree(obj)` rank 0's obj on every rank. Without torchrun
+    it is a plain map over all items, in this process."""
+
+    @staticmethod
+    def map(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[Tuple[T, R]]:
+        return map_in_turns(fn, items)
+
+    @staticmethod
+    def blocks(n: int) -> List[slice]:
+        return [share_of(n, r, world_size()) for r in range(world_size())]
+
+    @property
+    def writes(self) -> bool:
+        return is_main()
+
+    @staticmethod
+    def agree(obj: Any) -> Any:
+        return broadcast_object(obj)
