@@ -95,7 +95,9 @@ def score(config_file: str, overrides: List[str], trial_dir: str) -> List[Dict[s
         if views.masks is not None:
             scores = silhouette_scores(np.asarray(mesh.vertices), np.asarray(mesh.faces), views.world_mats, views.masks)
             row["iou"], row["precision"], row["recall"] = (float(x) for x in scores.mean(axis=0))
-        row.update({k: v for k, v in task.mesh_metrics(mesh_path).items() if isinstance(v, float)})
+        # the mesh metrics' precision / recall are the F-score's (distances), not the silhouette's
+        row.update({(f"fscore_{k}" if k in ("precision", "recall") else k): v
+                    for k, v in task.mesh_metrics(mesh_path).items() if isinstance(v, float)})
         print(json.dumps({k: v for k, v in row.items() if k not in ("path", "mesh")}), flush=True)
     return rows
 
