@@ -3,8 +3,9 @@
     python run.py --config confs/neus-dtu-wmask-cpu.yaml --train [key=value ...]
     python run.py --config FILE --train --resume outputs/<name>/<trial>/ckpt/ckpt_002000.pth
     python run.py --config FILE --test --resume CKPT      # held-out metrics, video, mesh
-    python run.py --config FILE --mesh --resume CKPT      # coloured mesh only
-    (--resume takes a checkpoint, a trial folder or `last`; --test / --mesh default to `last`)
+    python run.py --config FILE --mesh --resume CKPT      # coloured mesh only (export.texture=true: textured too)
+    python run.py --config FILE --view --resume CKPT      # interactive viewer in the browser (viser)
+    (--resume takes a checkpoint, a trial folder or `last`; --test / --mesh / --view default to `last`)
     torchrun --nproc_per_node N run.py --config FILE --train   # data-parallel over N processes
 """
 import argparse
@@ -35,6 +36,7 @@ def parse_args(argv=None):
     mode.add_argument("--train", action="store_true")
     mode.add_argument("--test", action="store_true")
     mode.add_argument("--mesh", action="store_true")
+    mode.add_argument("--view", action="store_true", help="serve the interactive viewer (viewer.* keys) until Ctrl-C")
     parser.add_argument("--outputs_dir", default="./outputs", help="runs go to OUTPUTS_DIR/<name>/<trial>/")
     parser.add_argument("--logs_dir", default=None, help="TensorBoard logs (default: the trial's logs/)")
     return parser.parse_known_args(argv)
@@ -77,11 +79,12 @@ def run_command(argv=None) -> int:
     args, overrides = parse_args(argv)
     from models.occupancy import NERFACC_FIRST_USE
     from process_data.loading import DatasetError
-    from systems import SYSTEMS, RunPaths
-    from systems.base import TrainingDiverged, TrainingInterrupted
+    from systems import RunPaths, Trainer
+    from systems.trainer import TrainingDiverged, TrainingInterrupted
     from utils.checkpoint import CheckpointError, resolve_resume
     from utils import distributed as dist
-    from utils.config import ConfigError, load_config, load_yaml_chain, parse_overrides
+    from systems.config import load_config
+    from utils.config import ConfigError, load_yaml_chain, parse_overrides
     from utils.logger import setup_logging
     from utils.misc import resolve_device, seed_everything
 
@@ -100,13 +103,13 @@ def run_command(argv=None) -> int:
                 logging.getLogger("run").warning(warning)
         runs_dir = os.path.join(args.outputs_dir, config.name)
         resume = args.resume
-        if resume is None and (args.test or args.mesh):
+        if resume is None and (args.test or args.mesh or args.view):
             resume = "last"
         try:
             checkpoint = resolve_resume(resume, runs_dir) if resume is not None else None
         except CheckpointError as e:
             if args.resume is None:
-                raise CheckpointError(f"--test and --mesh need a trained run: {e}; train first or pass --resume CKPT")
+                raise CheckpointError(f"--test, --mesh and --view need a trained run: {e}; train first or pass --resume CKPT")
             raise
         if checkpoint is not None:
             trial_dir = trial_dir_of(checkpoint)
@@ -117,7 +120,7 @@ def run_command(argv=None) -> int:
         logs_dir = os.path.join(args.logs_dir, config.name, os.path.basename(trial_dir)) if args.logs_dir else None
         paths = RunPaths.for_trial(trial_dir, logs_dir)
         seed_everything(config.seed)  # the same initial parameters on every rank
-        system = SYSTEMS.get(config.system.name)(config, paths, device)
+        system = Trainer(config, paths, device)
         if checkpoint is not None:
             system.load(checkpoint)
         elif dist.rank() > 0:  # each rank draws its own rays
@@ -155,8 +158,16 @@ def run_command(argv=None) -> int:
         snapshot_code(paths.code_dir)
     dist.barrier()
 
+    viewer = None
+    if dist.is_main() and (args.view or (args.train and config.viewer.enabled)):
+        from systems.viewer import Viewer
+
+        viewer = Viewer(system, config.viewer)
+        system.step_callbacks.append(viewer.on_step)
     try:
-        if args.train:
+        if args.view:
+            viewer.serve_forever()
+        elif args.train:
             system.fit()
         elif args.test:  # every rank renders its share of the views, rank 0 writes
             system.test()
@@ -172,6 +183,9 @@ def run_command(argv=None) -> int:
     except TrainingDiverged as e:
         log.error("training diverged: %s", e)
         return 1
+    if viewer is not None and args.train:  # the live viewer keeps serving the trained run
+        viewer.show_mesh()
+        viewer.serve_forever()
     return 0
 
 

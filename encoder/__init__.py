@@ -10,7 +10,7 @@ from torch import nn
 
 from encoder import frequency, hashgrid, spherical  # noqa: F401  (they register themselves)
 from encoder.registry import ENCODINGS
-from utils.config import ConfigError
+from utils.config import ConfigError, component_field
 
 
 def parse_encoding_config(raw: Any, path: str) -> DictConfig:
@@ -23,6 +23,11 @@ def parse_encoding_config(raw: Any, path: str) -> DictConfig:
     return cls.parse_config(raw, path)
 
 
-def get_encoding(config: DictConfig, in_channels: int = 3, device: str = "cpu") -> nn.Module:
-    """The encoding `config.otype` names; `device` is where it will run (backends choose by it)."""
-    return ENCODINGS.get(config.otype)(config, in_channels, device)
+def encoding_field(default: dict):
+    """A config field holding an encoding's config, validated by the class its `otype` names."""
+    return component_field(default, parse_encoding_config)
+
+
+def get_encoding(config: DictConfig, in_channels: int = 3) -> nn.Module:
+    """The encoding `config.otype` names, on the backend its config holds (resolved at start-up)."""
+    return ENCODINGS.get(config.otype)(config, in_channels)

@@ -27,7 +27,7 @@ class Frequency(Configurable, nn.Module):
         n_frequencies: int = 6
         include_input: bool = True
 
-    def __init__(self, config: "Frequency.Config", in_channels: int = 3, device: str = "cpu"):
+    def __init__(self, config: "Frequency.Config", in_channels: int = 3):
         super().__init__()
         self.n_frequencies = config.n_frequencies
         self.include_input = config.include_input

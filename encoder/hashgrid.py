@@ -21,7 +21,7 @@ import ctypes.util
 import math
 import struct
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Literal, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -316,6 +316,12 @@ def choose_backend(requested: str, device: torch.device) -> str:
     )
 
 
+def resolved_backend(backend: str) -> str:
+    """The backend a built grid runs: what start-up resolved (torch | tcnn); `auto` left unresolved
+    (a grid built outside a run) is the torch reference. Nothing is checked or chosen here."""
+    return "torch" if backend == "auto" else backend
+
+
 def tcnn_params_from_table(table: torch.Tensor, n_params: int) -> torch.Tensor:
     """The torch backend's table as tiny-cuda-nn's flat HashGrid parameters.
 
@@ -360,14 +366,14 @@ class HashGrid(Configurable, nn.Module):
         log2_hashmap_size: int = 19
         base_resolution: int = 16
         per_level_scale: float = 1.447269237440378
-        backend: str = "auto"  # auto | torch | tcnn
+        backend: Literal["auto", "torch", "tcnn"] = "auto"  # tcnn: CUDA
         compile: bool = False  # torch backend: run its kernels through torch.compile (several times faster)
         # progressive band mask: start_level active levels, one more every update_steps after start_step
         start_level: int = 4
         start_step: int = 0
         update_steps: int = 1000
 
-    def __init__(self, config: "HashGrid.Config", in_channels: int = 3, device: str = "cpu"):
+    def __init__(self, config: "HashGrid.Config", in_channels: int = 3):
         super().__init__()
         if in_channels != 3:
             raise ValueError(f"HashGrid encodes 3-d points, got {in_channels} channels")
@@ -375,8 +381,9 @@ class HashGrid(Configurable, nn.Module):
         self.n_levels = config.n_levels
         self.n_features = config.n_features_per_level
         self.n_output_dims = self.n_levels * self.n_features
-        # the run logs and records the choice once, for every component (systems/backends.py)
-        self.backend = choose_backend(config.backend, torch.device(device))
+        # chosen once at start-up (systems/backends.py resolves `auto` for the device and builds
+        # the model from the resolved config); a grid built directly with `auto` runs torch
+        self.backend = resolved_backend(config.backend)
         self.levels = GridLevels.build(
             config.n_levels, config.base_resolution, config.per_level_scale, config.log2_hashmap_size
         )

@@ -49,7 +49,7 @@ class SphericalHarmonics(Configurable, nn.Module):
         otype: str = "SphericalHarmonics"
         degree: int = 4
 
-    def __init__(self, config: "SphericalHarmonics.Config", in_channels: int = 3, device: str = "cpu"):
+    def __init__(self, config: "SphericalHarmonics.Config", in_channels: int = 3):
         super().__init__()
         if in_channels != 3:
             raise ValueError(f"SphericalHarmonics encodes 3-d directions, got {in_channels} channels")

@@ -7,15 +7,16 @@ uniform in disparity (so spacing grows with distance), and are kept only in cell
 occupancy grid over the contracted cube [-2, 2]^3 (nerfacc's OccGridEstimator holds and
 updates it on every device; the marching itself is plain torch and cheap).
 """
-from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
 import nerfacc
 import torch
 from torch import nn
 
-from encoder import get_encoding
+from encoder import encoding_field, get_encoding
 from models.network import make_mlp
+from models.occupancy import update_estimator
 from models.rendering import density_alpha, visible_samples
 from utils.config import Configurable
 
@@ -90,13 +91,13 @@ class BackgroundField(Configurable, nn.Module):
     @dataclass
     class Config:
         enabled: bool = False
-        xyz_encoding: Any = field(
-            default_factory=lambda: {
+        xyz_encoding: Any = encoding_field(
+            {
                 "otype": "HashGrid", "n_levels": 8, "log2_hashmap_size": 16, "base_resolution": 16,
                 "per_level_scale": 1.5, "start_level": 8,
             }
         )
-        dir_encoding: Any = field(default_factory=lambda: {"otype": "SphericalHarmonics", "degree": 4})
+        dir_encoding: Any = encoding_field({"otype": "SphericalHarmonics", "degree": 4})
         n_neurons: int = 64
         feature_dim: int = 15
         color_hidden_layers: int = 2
@@ -110,15 +111,15 @@ class BackgroundField(Configurable, nn.Module):
         occ_threshold: float = 0.01
         early_stop_eps: float = 1e-4  # skip samples behind the background's own opaque surfaces
 
-    def __init__(self, config: "BackgroundField.Config", radius: float, device: str = "cpu"):
+    def __init__(self, config: "BackgroundField.Config", radius: float):
         super().__init__()
         self.config = config
         self.radius = radius
-        self.encoding = get_encoding(config.xyz_encoding, 3, device)
+        self.encoding = get_encoding(config.xyz_encoding, 3)
         self.density_mlp = make_mlp(
             [self.encoding.n_output_dims, config.n_neurons, 1 + config.feature_dim], nn.ReLU(inplace=True), False
         )
-        self.dir_encoding = get_encoding(config.dir_encoding, 3, device)
+        self.dir_encoding = get_encoding(config.dir_encoding, 3)
         dims = [config.feature_dim + self.dir_encoding.n_output_dims]
         dims += [config.n_neurons] * config.color_hidden_layers + [3]
         self.color_mlp = make_mlp(dims, nn.ReLU(inplace=True), False, output_activation=nn.Sigmoid())
@@ -146,7 +147,7 @@ class BackgroundField(Configurable, nn.Module):
         rgb = self.color_mlp(torch.cat([feature, self.dir_encoding(dirs)], dim=-1)).float()  # [N, 3]
         return sigma, rgb
 
-    def update_occupancy(self, step: int) -> None:
+    def update_occupancy(self, step: int) -> List[torch.Tensor]:
         """occ(cell) = 1 - exp(-sigma dt), dt the length of one sampling interval there:
         with n samples uniform in disparity from ~radius to infinity, dt ~ t^2 / (n radius),
         and t = radius / (2 - |x_c|) at contracted radius |x_c|."""
@@ -158,10 +159,8 @@ class BackgroundField(Configurable, nn.Module):
             dt = self.radius / (c.n_samples * (2.0 - r_c) ** 2)  # [N]
             return density_alpha(self.density(x_c)[0], dt)
 
-        self.estimator.update_every_n_steps(
-            step=step, occ_eval_fn=occupancy, occ_thre=c.occ_threshold, ema_decay=c.ema_decay,
-            warmup_steps=c.warmup_steps, n=c.update_every,
-        )
+        return update_estimator(self.estimator, step, occupancy, c.update_every, c.occ_threshold, c.ema_decay,
+                                c.warmup_steps)
 
     @torch.no_grad()
     def sample(self, rays_o: torch.Tensor, rays_d: torch.Tensor, stratified: bool) -> Dict[str, torch.Tensor]:

@@ -1,14 +1,14 @@
 """The networks of a NeuS model: SDF (geometry), colour (texture) and variance."""
 import math
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from encoder import get_encoding
+from encoder import encoding_field, get_encoding
 
 
 def make_mlp(
@@ -48,7 +48,7 @@ class SDFNetwork(nn.Module):
 
     @dataclass
     class Config:
-        xyz_encoding: Any = field(default_factory=lambda: {"otype": "HashGrid"})
+        xyz_encoding: Any = encoding_field({"otype": "HashGrid"})
         include_xyz: bool = True
         n_neurons: int = 64
         n_hidden_layers: int = 1
@@ -56,16 +56,14 @@ class SDFNetwork(nn.Module):
         sphere_init_radius: float = 0.5
         weight_norm: bool = True
         softplus_beta: float = 100.0
-        grad_type: str = "analytic"  # analytic | finite_difference
+        grad_type: Literal["analytic", "finite_difference"] = "analytic"
         finite_difference_eps: float = 1e-3  # in normalised units (the scene lies in the unit sphere)
 
-    def __init__(self, config: "SDFNetwork.Config", radius: float, device: str = "cpu"):
+    def __init__(self, config: "SDFNetwork.Config", radius: float):
         super().__init__()
-        if config.grad_type not in ("analytic", "finite_difference"):
-            raise ValueError(f"grad_type must be analytic or finite_difference, got '{config.grad_type}'")
         self.config = config
         self.radius = radius
-        self.encoding = get_encoding(config.xyz_encoding, 3, device)
+        self.encoding = get_encoding(config.xyz_encoding, 3)
         n_xyz = 3 if config.include_xyz else 0
         dims = [n_xyz + self.encoding.n_output_dims] + [config.n_neurons] * config.n_hidden_layers
         dims.append(1 + config.feature_dim)
@@ -128,13 +126,13 @@ class ColorNetwork(nn.Module):
 
     @dataclass
     class Config:
-        dir_encoding: Any = field(default_factory=lambda: {"otype": "SphericalHarmonics", "degree": 4})
+        dir_encoding: Any = encoding_field({"otype": "SphericalHarmonics", "degree": 4})
         n_neurons: int = 64
         n_hidden_layers: int = 2
 
-    def __init__(self, config: "ColorNetwork.Config", feature_dim: int, device: str = "cpu"):
+    def __init__(self, config: "ColorNetwork.Config", feature_dim: int):
         super().__init__()
-        self.dir_encoding = get_encoding(config.dir_encoding, 3, device)
+        self.dir_encoding = get_encoding(config.dir_encoding, 3)
         dims = [feature_dim + self.dir_encoding.n_output_dims + 3]
         dims += [config.n_neurons] * config.n_hidden_layers + [3]
         self.mlp = make_mlp(dims, nn.ReLU(inplace=True), use_weight_norm=True, output_activation=nn.Sigmoid())

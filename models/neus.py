@@ -1,18 +1,16 @@
 """NeuS: an SDF, a colour field and a learned sharpness, rendered with occupancy-grid sampling."""
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
-from encoder import parse_encoding_config
 from models.background import BackgroundField, ray_sphere_intersect
 from models.network import ColorNetwork, SDFNetwork, VarianceNetwork, normalize
 from models.occupancy import OccupancyGrid
 from models.registry import MODELS
 from models.rendering import composite_background, density_alpha, neus_alpha, packed_ops
-from utils.config import Configurable, parse_structured
+from utils.config import Configurable
 from utils.misc import map_in_chunks
 
 
@@ -40,29 +38,18 @@ class NeuSModel(Configurable, nn.Module):
         # foreground (SDF) is rendered inside that sphere only
         background: BackgroundField.Config = field(default_factory=BackgroundField.Config)
 
-    @classmethod
-    def parse_config(cls, raw: Any, path: str) -> DictConfig:
-        config = parse_structured(cls.Config, raw, path)
-        config.geometry.xyz_encoding = parse_encoding_config(
-            config.geometry.xyz_encoding, f"{path}.geometry.xyz_encoding"
-        )
-        config.texture.dir_encoding = parse_encoding_config(
-            config.texture.dir_encoding, f"{path}.texture.dir_encoding"
-        )
-        for key in ("xyz_encoding", "dir_encoding"):
-            config.background[key] = parse_encoding_config(config.background[key], f"{path}.background.{key}")
-        return config
-
-    def __init__(self, config: "NeuSModel.Config", device: str = "cpu"):
+    def __init__(self, config: "NeuSModel.Config"):
+        """`config` with its backends resolved (systems/backends.py: with_backends); `auto` left
+        in it builds the torch reference."""
         super().__init__()
         self.config = config
-        self.geometry = SDFNetwork(config.geometry, config.radius, device)
-        self.texture = ColorNetwork(config.texture, config.geometry.feature_dim, device)
+        self.geometry = SDFNetwork(config.geometry, config.radius)
+        self.texture = ColorNetwork(config.texture, config.geometry.feature_dim)
         self.variance = VarianceNetwork(config.variance)
-        self.occupancy = OccupancyGrid(config.sampler, config.radius, device)
+        self.occupancy = OccupancyGrid(config.sampler, config.radius)
         # packed weights and accumulation: nerfacc's kernels where it samples (CUDA), else torch
         self.packed = packed_ops(self.occupancy.backend)
-        self.background = BackgroundField(config.background, config.radius, device) if config.background.enabled else None
+        self.background = BackgroundField(config.background, config.radius) if config.background.enabled else None
         # state of the schedules, saved with the model so that renders after a reload match
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0))
 
@@ -84,19 +71,12 @@ class NeuSModel(Configurable, nn.Module):
         if self.background is not None:
             self.background.set_step(global_step)
 
-    def update_occupancy(self, global_step: int) -> None:
-        """The occupancy grids' periodic EMA updates (training only)."""
-        self.occupancy.update(global_step, self.occupancy_alpha)
+    def update_occupancy(self, global_step: int) -> List[torch.Tensor]:
+        """The occupancy grids' periodic EMA updates (training only) -> the tensors they changed."""
+        changed = self.occupancy.update(global_step, self.occupancy_alpha)
         if self.background is not None:
-            self.background.update_occupancy(global_step)
-
-    def occupancy_state_updated_at(self, global_step: int) -> List[torch.Tensor]:
-        """The grid tensors (EMA occupancies, binaries) that update_occupancy(global_step)
-        changes: nerfacc updates a grid when step % update_every == 0."""
-        grids = [(self.occupancy.estimator, self.config.sampler.update_every)]
-        if self.background is not None:
-            grids.append((self.background.estimator, self.config.background.update_every))
-        return [t for grid, every in grids if global_step % every == 0 for t in (grid.occs, grid.binaries)]
+            changed += self.background.update_occupancy(global_step)
+        return changed
 
     @torch.no_grad()
     def occupancy_alpha(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,10 +138,8 @@ class NeuSModel(Configurable, nn.Module):
         rgb = self.texture(feature, dirs, normal)  # [n_samples, 3]
         # the networks' outputs are float32 (also under autocast): alpha and compositing stay exact
         alpha = neus_alpha(sdf, (dirs * grad).sum(-1), t_ends - t_starts, inv_s, self.cos_anneal_ratio)
-        weights, _ = self.packed.weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
+        weights, opacity, comp_rgb = self.composite(alpha, ray_indices, n_rays, rgb)
         accumulate = self.packed.accumulate
-        opacity = accumulate(weights, ray_indices, n_rays)  # [n_rays, 1]
-        comp_rgb = accumulate(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
         out = {
             "rgb_foreground": comp_rgb,
             "opacity": opacity[:, 0],
@@ -178,6 +156,17 @@ class NeuSModel(Configurable, nn.Module):
         out["rgb"] = composite_background(comp_rgb, opacity, background)
         return out
 
+    def composite(
+        self, alpha: torch.Tensor, ray_indices: torch.Tensor, n_rays: int, rgb: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed samples' alpha [n_samples] and colour [n_samples, 3] -> weights [n_samples]
+        (alpha times transmittance), opacity [n_rays, 1] and colour [n_rays, 3] over black;
+        for the foreground and the background alike."""
+        weights, _ = self.packed.weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
+        opacity = self.packed.accumulate(weights, ray_indices, n_rays)  # [n_rays, 1]
+        comp_rgb = self.packed.accumulate(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
+        return weights, opacity, comp_rgb
+
     def render_background(self, rays_o: torch.Tensor, rays_d: torch.Tensor, fill: torch.Tensor) -> Dict[str, Any]:
         """The background model's colour of each ray beyond the foreground sphere, over `fill`
         where it stays transparent. -> rgb [n_rays, 3], opacity [n_rays], and the packed
@@ -189,9 +178,7 @@ class NeuSModel(Configurable, nn.Module):
         x_c = self.background.contracted(rays_o[ray_indices] + samples["t_sample"][:, None] * dirs)  # [n_samples, 3]
         sigma, rgb = self.background(x_c, dirs)  # [n_samples], [n_samples, 3]
         alpha = density_alpha(sigma, samples["t_ends"] - samples["t_starts"])  # [n_samples]
-        weights, _ = self.packed.weights_from_alpha(alpha, ray_indices, n_rays)  # [n_samples]
-        opacity = self.packed.accumulate(weights, ray_indices, n_rays)  # [n_rays, 1]
-        comp_rgb = self.packed.accumulate(weights, ray_indices, n_rays, rgb)  # [n_rays, 3]
+        weights, opacity, comp_rgb = self.composite(alpha, ray_indices, n_rays, rgb)
         return {
             "rgb": composite_background(comp_rgb, opacity, fill),
             "opacity": opacity[:, 0],

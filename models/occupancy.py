@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Literal, Optional, Tuple
 
 import nerfacc
 import torch
@@ -73,6 +73,17 @@ def march_rays(
     return ray_indices, t0, t0 + step_size
 
 
+def update_estimator(estimator: nerfacc.OccGridEstimator, step: int, occupancy_fn: Callable, every: int,
+                     threshold: float, ema_decay: float, warmup_steps: int) -> List[torch.Tensor]:
+    """nerfacc's EMA update of `estimator` when step % every == 0 (its update_every_n_steps,
+    with the rule here so that the caller learns what changed) -> [occs, binaries] or []."""
+    if step % every != 0:
+        return []
+    estimator._update(step=step, occ_eval_fn=occupancy_fn, occ_thre=threshold, ema_decay=ema_decay,
+                      warmup_steps=warmup_steps)
+    return [estimator.occs, estimator.binaries]
+
+
 class OccupancyGrid(Configurable, nn.Module):
     """Which cells of [-radius, radius]^3 hold surface, and sampling of rays through them."""
 
@@ -90,13 +101,13 @@ class OccupancyGrid(Configurable, nn.Module):
         # cells deeper than this inside the surface (sdf < -shell_width) count as empty, so rays
         # skip the interior (only reached through an opaque surface); 0 keeps them occupied
         shell_width: float = 0.0
-        backend: str = "auto"  # auto | torch | nerfacc (CUDA)
+        backend: Literal["auto", "torch", "nerfacc"] = "auto"  # nerfacc: CUDA
 
-    def __init__(self, config: "OccupancyGrid.Config", radius: float, device: str = "cpu"):
+    def __init__(self, config: "OccupancyGrid.Config", radius: float):
         super().__init__()
         self.config = config
-        # the run logs and records the choice once, for every component (systems/backends.py)
-        self.backend = choose_occupancy_backend(config.backend, torch.device(device))
+        # chosen once at start-up (systems/backends.py); a grid built directly with `auto` runs torch
+        self.backend = "torch" if config.backend == "auto" else config.backend
         aabb = [-radius] * 3 + [radius] * 3
         self.register_buffer("aabb", torch.tensor(aabb, dtype=torch.float32), persistent=False)
         self.estimator = nerfacc.OccGridEstimator(roi_aabb=aabb, resolution=config.resolution, levels=1)
@@ -105,17 +116,12 @@ class OccupancyGrid(Configurable, nn.Module):
     def binaries(self) -> torch.Tensor:
         return self.estimator.binaries[0]  # [res, res, res] bool
 
-    def update(self, step: int, occupancy_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Every `update_every` steps: occ = max(ema_decay * occ, occupancy_fn(x)) at sampled cells."""
+    def update(self, step: int, occupancy_fn: Callable[[torch.Tensor], torch.Tensor]) -> List[torch.Tensor]:
+        """Every `update_every` steps: occ = max(ema_decay * occ, occupancy_fn(x)) at sampled cells
+        -> the tensors it changed (EMA occupancies, binaries; [] between updates)."""
         c = self.config
-        self.estimator.update_every_n_steps(
-            step=step,
-            occ_eval_fn=occupancy_fn,
-            occ_thre=c.occ_threshold,
-            ema_decay=c.ema_decay,
-            warmup_steps=c.warmup_steps,
-            n=c.update_every,
-        )
+        return update_estimator(self.estimator, step, occupancy_fn, c.update_every, c.occ_threshold, c.ema_decay,
+                                c.warmup_steps)
 
     @torch.no_grad()
     def sample(

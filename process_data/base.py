@@ -9,15 +9,16 @@ z forward); integer pixel coordinates (u, v) are pixel CENTRES; poses are camera
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
+from utils.config import BackgroundColor
+
 log = logging.getLogger(__name__)
 
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
-BackgroundColor = Literal["random", "white", "black"]  # random: a colour per training ray, white for evaluation
 
 
 @dataclass

@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from systems import SYSTEMS, RunPaths  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from systems import RunPaths, Trainer  # noqa: E402
+from systems.config import load_config  # noqa: E402
 from utils.misc import resolve_device, seed_everything  # noqa: E402
 
 
@@ -34,23 +34,22 @@ def main(argv=None) -> int:
     seed_everything(config.seed)
     device = resolve_device(config.device)
     with tempfile.TemporaryDirectory() as tmp:
-        system = SYSTEMS.get(config.system.name)(config, RunPaths.for_trial(tmp), device)
+        system = Trainer(config, RunPaths.for_trial(tmp), device)
         if args.resume:
             system.load(args.resume)
-        step = system.global_step
         for _ in range(args.warmup):
-            system.train_step(step)
-            step += 1
+            system.step()
         samples = rays = 0.0
         start = time.perf_counter()
         for _ in range(args.steps):
-            stats = system.train_step(step)
-            step += 1
+            stats = system.step().stats
+            if "rays" not in stats:  # a skipped step
+                continue
             samples += stats["samples_per_ray"] * stats["rays"]
             rays += stats["rays"]
         elapsed = time.perf_counter() - start
         print(f"config {args.config} on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-        print(f"steps {args.steps} from step {step - args.steps}: {elapsed / args.steps:.4f} s/step, "
+        print(f"steps {args.steps} from step {system.global_step - args.steps}: {elapsed / args.steps:.4f} s/step, "
               f"{samples / elapsed:,.0f} samples/s, {rays / elapsed:,.0f} rays/s, "
               f"{samples / args.steps:,.0f} samples/step, {rays / args.steps:,.0f} rays/step")
         if args.profile:
@@ -58,8 +57,7 @@ def main(argv=None) -> int:
 
             with profile() as prof:
                 for _ in range(10):
-                    system.train_step(step)
-                    step += 1
+                    system.step()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     return 0
 

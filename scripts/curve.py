@@ -63,9 +63,9 @@ def score(config_file: str, overrides: List[str], trial_dir: str) -> List[Dict[s
     import torch
     import trimesh
 
-    from systems import SYSTEMS, RunPaths
+    from systems import RunPaths, Trainer
+    from systems.config import load_config
     from utils.checkpoint import checkpoints_in
-    from utils.config import load_config
     from utils.mesh import silhouette_scores
     from utils.misc import resolve_device, seed_everything
 
@@ -75,19 +75,20 @@ def score(config_file: str, overrides: List[str], trial_dir: str) -> List[Dict[s
     rows.append({"mark": "end", "seconds": None, "step": None, "path": final})
     config = load_config(config_file, overrides)
     seed_everything(config.seed)
-    system = SYSTEMS.get(config.system.name)(config, RunPaths.for_trial(trial_dir), resolve_device(config.device))
-    views = system.dataset.views
-    held_out = system.dataset.split["test"] or system.dataset.split["train"][::8]
+    trainer = Trainer(config, RunPaths.for_trial(trial_dir), resolve_device(config.device))
+    task = trainer.task
+    views = task.dataset.views
+    held_out = task.dataset.split["test"] or task.dataset.split["train"][::8]
     for row in rows:
-        system.load(row["path"])
-        row["step"] = system.global_step
+        trainer.load(row["path"])
+        row["step"] = trainer.global_step
         with torch.no_grad():
-            metrics = [system.test_view(v)[1] for v in held_out]
+            metrics = [task.evaluation.test_view(v)[1] for v in held_out]
         for key in metrics[0]:
             row[key] = float(np.mean([m[key] for m in metrics]))
-        vertices, faces = system.surface()
+        vertices, faces = task.mesh.surface()
         row.update({f"raw_{k}": v for k, v in components(faces).items()})
-        mesh_path = system.export_mesh()[0]
+        mesh_path = trainer.export_mesh()[0]
         mesh = trimesh.load(mesh_path, process=False)
         row["mesh"] = mesh_path
         row["mesh_components"] = components(np.asarray(mesh.faces))["components"]
@@ -96,7 +97,7 @@ def score(config_file: str, overrides: List[str], trial_dir: str) -> List[Dict[s
             row["iou"], row["precision"], row["recall"] = (float(x) for x in scores.mean(axis=0))
         # the mesh metrics' precision / recall are the F-score's (distances), not the silhouette's
         row.update({(f"fscore_{k}" if k in ("precision", "recall") else k): v
-                    for k, v in system.mesh_metrics(mesh_path).items() if isinstance(v, float)})
+                    for k, v in task.mesh_metrics(mesh_path).items() if isinstance(v, float)})
         print(json.dumps({k: v for k, v in row.items() if k not in ("path", "mesh")}), flush=True)
     return rows
 

@@ -1,6 +1,8 @@
-"""Training systems: the shared loop (base.py), NeuS (neus.py), losses and optimisation."""
+"""Training: the generic trainer (trainer.py), the NeuS task (neus.py), its evaluation
+(evaluation.py) and mesh export (export.py), losses and optimisation."""
 from systems import neus  # noqa: F401  (registers itself)
-from systems.base import ExportConfig, RunPaths, TrainerConfig
+from systems.export import ExportConfig
 from systems.registry import SYSTEMS
+from systems.trainer import RunPaths, StepResult, Trainer, TrainerConfig
 
-__all__ = ["SYSTEMS", "ExportConfig", "RunPaths", "TrainerConfig"]
+__all__ = ["SYSTEMS", "ExportConfig", "RunPaths", "StepResult", "Trainer", "TrainerConfig"]

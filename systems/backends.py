@@ -61,3 +61,14 @@ def resolve_backends(config: DictConfig, device: torch.device) -> Dict[str, str]
             raise ConfigError(f"{key}: {e}") from None
     chosen["trainer.precision"] = choose_precision(config.trainer.precision, device)
     return chosen
+
+
+def with_backends(config: DictConfig, chosen: Dict[str, str]) -> DictConfig:
+    """A copy of the run's config with every '<section>.backend' set to what resolve_backends
+    chose, to build the components from (they take their backend as given and choose nothing).
+    The config itself keeps what was asked (`auto`), as parsed.yaml and checkpoints record it."""
+    resolved = config.copy()
+    for key, backend in chosen.items():
+        if key.endswith(".backend"):
+            OmegaConf.update(resolved, key, backend, merge=False)
+    return resolved

@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -46,6 +47,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="module")
+def scene_template(tmp_path_factory):
+    """A 4-view 40x30 NeuS-format scene (image/, mask/, cameras_sphere.npz)."""
+    from process_data.synthetic import make_demo_scene
+
+    return make_demo_scene(str(tmp_path_factory.mktemp("template") / "scene"), n_views=4, width=40, height=30)
+
+
+@pytest.fixture
+def scene(scene_template, tmp_path):
+    """A private copy of the template, to break as each test needs."""
+    return shutil.copytree(scene_template, str(tmp_path / "scene"))
 
 
 @pytest.fixture

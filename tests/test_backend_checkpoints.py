@@ -19,7 +19,7 @@ from torch import nn
 import encoder.hashgrid
 import systems.backends
 from encoder.hashgrid import GridLevels, HashGrid, hash_grid_encode, make_kernels
-from tests.test_reliability import build_system, scene, scene_template  # noqa: F401  (fixtures)
+from tests.test_reliability import build_system
 from utils.checkpoint import load_checkpoint
 
 
@@ -43,14 +43,14 @@ class FakeEncoding(nn.Module):
 
 @pytest.fixture
 def fake_tcnn(monkeypatch):
-    """`import tinycudann` gives the fake, and an explicit `backend: tcnn` is granted on CPU."""
+    """`import tinycudann` gives the fake, and an explicit `backend: tcnn` is granted on CPU (by the
+    one start-up choice; the grids take the backend they are given)."""
     monkeypatch.setitem(sys.modules, "tinycudann", types.SimpleNamespace(Encoding=FakeEncoding))
     real_choice = encoder.hashgrid.choose_backend
 
     def choose(requested: str, device: torch.device) -> str:
         return "tcnn" if requested == "tcnn" else real_choice(requested, device)
 
-    monkeypatch.setattr(encoder.hashgrid, "choose_backend", choose)
     monkeypatch.setitem(systems.backends.CHOOSERS, HashGrid.Config, choose)
 
 
@@ -61,9 +61,9 @@ def grid_pair(start_level: int = 4):
     """A torch and a tcnn grid drawn from the same seed (so with the same table)."""
     config = HashGrid.Config(backend="torch", start_level=start_level, **SIZES)
     torch.manual_seed(0)
-    torch_grid = HashGrid(config, 3, "cpu")
+    torch_grid = HashGrid(config, 3)
     torch.manual_seed(0)
-    tcnn_grid = HashGrid(dataclasses.replace(config, backend="tcnn"), 3, "cpu")
+    tcnn_grid = HashGrid(dataclasses.replace(config, backend="tcnn"), 3)
     return torch_grid, tcnn_grid
 
 
@@ -112,25 +112,24 @@ TCNN = "model.geometry.xyz_encoding.backend=tcnn"
 TORCH = "model.geometry.xyz_encoding.backend=torch"
 
 
-def trained_checkpoint(scene, trial_dir, backend_override: str, n_steps: int = 3) -> str:  # noqa: F811
+def trained_checkpoint(scene, trial_dir, backend_override: str, n_steps: int = 3) -> str:
     system = build_system(scene, trial_dir, backend_override)
     for _ in range(n_steps):
-        assert system.train_step(system.global_step)["skipped"] == 0.0
-        system.global_step += 1
+        assert not system.step().skipped
     return system.save()
 
 
-def one_step_from(scene, trial_dir, backend_override: str, checkpoint: str):  # noqa: F811
+def one_step_from(scene, trial_dir, backend_override: str, checkpoint: str):
     """The system of `backend_override` resumed from `checkpoint`, after one more training step."""
     system = build_system(scene, trial_dir, backend_override)
     system.load(checkpoint)
-    assert system.train_step(system.global_step)["skipped"] == 0.0
+    assert not system.step().skipped
     return system
 
 
 @pytest.mark.parametrize("trained_with, resumed_with", [(TCNN, TORCH), (TORCH, TCNN)])
 def test_a_checkpoint_resumes_under_the_other_backend_as_under_its_own(
-    fake_tcnn, scene, tmp_path, trained_with, resumed_with  # noqa: F811
+    fake_tcnn, scene, tmp_path, trained_with, resumed_with
 ):
     """One step from a checkpoint gives the same parameters under either backend: the table and
     its Adam moments (flat under tcnn, [T, F] under torch) land on the right entries."""
@@ -153,7 +152,7 @@ def test_a_checkpoint_resumes_under_the_other_backend_as_under_its_own(
                 assert other_moment.shape == q.shape
 
 
-def test_a_tcnn_checkpoint_meshes_with_the_torch_backend(fake_tcnn, scene, tmp_path):  # noqa: F811
+def test_a_tcnn_checkpoint_meshes_with_the_torch_backend(fake_tcnn, scene, tmp_path):
     checkpoint = trained_checkpoint(scene, tmp_path / "trained", TCNN)
     tcnn_system = build_system(scene, tmp_path / "a", TCNN)
     tcnn_system.load(checkpoint)

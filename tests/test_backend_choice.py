@@ -15,9 +15,7 @@ from models.occupancy import choose_occupancy_backend, nerfacc_cuda_error
 from models.rendering import NERFACC_OPS, TORCH_OPS
 from systems.backends import choose_precision
 from tests.test_cuda_backends import CUDA
-from tests.test_reliability import (  # noqa: F401  (scene, scene_template: fixtures)
-    TINY, assert_refused_at_start_up, build_system, run_main, scene, scene_template,
-)
+from tests.test_reliability import TINY, assert_refused_at_start_up, build_system, run_main
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError
 
@@ -26,7 +24,7 @@ def trial_dir(outputs) -> str:
     return path
 
 
-def test_auto_is_torch_on_cpu_logged_once_and_recorded(scene, tmp_path, capsys):  # noqa: F811
+def test_auto_is_torch_on_cpu_logged_once_and_recorded(scene, tmp_path, capsys):
     outputs = tmp_path / "outputs"
     code, err = run_main(capsys, "--train", "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY,
                          "trainer.max_steps=2")
@@ -45,7 +43,7 @@ def test_auto_is_torch_on_cpu_logged_once_and_recorded(scene, tmp_path, capsys):
     assert state["backends"] == expected and state["grad_scaler"] == {}
 
 
-def test_built_components_run_what_was_recorded(scene, tmp_path):  # noqa: F811
+def test_built_components_run_what_was_recorded(scene, tmp_path):
     system = build_system(scene, tmp_path, "model.background.enabled=true")
     model = system.model
     assert system.backends["model.background.xyz_encoding.backend"] == model.background.encoding.backend
@@ -67,13 +65,13 @@ REFUSED = {
                 ["config error:", "model.sampler.backend", "'nerfacc'", "device is cpu", "set backend: torch"]),
     "fp16": (["trainer.precision=fp16-mixed"], ["config error:", "trainer.precision", "needs CUDA", "auto or fp32"]),
     "cuda_device": (["device=cuda"], ["config error:", "CUDA is not available", "device=auto or cpu"]),
-    "typo": (["model.sampler.backend=nerfac"], ["config error:", "model.sampler.backend", "auto, torch or nerfacc"]),
-    "bad_precision": (["trainer.precision=half"], ["config error:", "trainer.precision", "auto, fp16-mixed, fp32"]),
+    "typo": (["model.sampler.backend=nerfac"], ["config error:", "model.sampler.backend", "['auto', 'torch', 'nerfacc']"]),
+    "bad_precision": (["trainer.precision=half"], ["config error:", "trainer.precision", "['auto', 'fp16-mixed', 'fp32']"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_cuda_only_requests_are_refused_at_start_up_on_cpu(case, scene, tmp_path, capsys):  # noqa: F811
+def test_cuda_only_requests_are_refused_at_start_up_on_cpu(case, scene, tmp_path, capsys):
     """TINY runs on device=cpu, so these are refused on any machine (device=cuda only without CUDA)."""
     if case == "cuda_device" and CUDA:
         pytest.skip("CUDA is available here: device=cuda is a valid request")

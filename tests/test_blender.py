@@ -13,7 +13,7 @@ from process_data.base import pixel_directions
 from process_data.blender import BlenderDataset, opengl_to_opencv
 from process_data.loading import DatasetError
 from utils.camera import project
-from utils.config import load_config
+from systems.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, HEIGHT, ANGLE_X = 40, 30, 0.8

@@ -3,7 +3,8 @@ import os
 import pytest
 
 from tests.conftest import ROOT
-from utils.config import ConfigError, load_config
+from systems.config import load_config
+from utils.config import ConfigError
 
 CPU_CONFIG = os.path.join(ROOT, "confs", "neus-dtu-wmask-cpu.yaml")
 

@@ -64,7 +64,7 @@ def test_hash_grid_harness_torch_against_the_per_point_reference():
     """The torch module against test_encoders' per-point loop, with the loop's table passed as
     tcnn's flat parameter vector (tcnn_params_from_table), in float64."""
     sizes = dict(n_levels=4, n_features_per_level=2, log2_hashmap_size=9, base_resolution=3, per_level_scale=2.0)
-    grid = HashGrid(full_band_config(**sizes), 3, "cpu").double()
+    grid = HashGrid(full_band_config(**sizes), 3).double()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         grid.table.copy_(torch.randn(grid.table.shape, generator=gen, dtype=torch.float64))
@@ -85,7 +85,7 @@ def test_hash_grid_harness_torch_against_the_per_point_reference():
 def test_tcnn_flat_parameters_are_the_table_row_major():
     """Level l, entry e, feature f sits at (offset_l + e) F + f; a size mismatch is refused."""
     grid = HashGrid(full_band_config(n_levels=3, n_features_per_level=2, log2_hashmap_size=9,
-                                     base_resolution=3, per_level_scale=2.0), 3, "cpu")
+                                     base_resolution=3, per_level_scale=2.0), 3)
     table = torch.arange(grid.table.numel(), dtype=torch.float32).view(grid.table.shape)
     flat = tcnn_params_from_table(table, table.numel())
     offset, entry, feature = grid.levels.offsets[2], 5, 1
@@ -115,8 +115,8 @@ def test_tcnn_hash_grid_matches_torch():
     # 1.45, not 1.5: 16 x 1.5^l - 1 is an integer (23, 35) at dense levels, and one ulp more from the
     # GPU's fast-math exp2f would give tcnn's kernels another resolution than its host's tables
     sizes = dict(n_levels=8, n_features_per_level=2, log2_hashmap_size=14, base_resolution=16, per_level_scale=1.45)
-    torch_grid = HashGrid(full_band_config(**sizes), 3, "cuda").cuda()
-    tcnn_grid = HashGrid(dataclasses.replace(full_band_config(**sizes), backend="tcnn"), 3, "cuda").cuda()
+    torch_grid = HashGrid(full_band_config(**sizes), 3).cuda()
+    tcnn_grid = HashGrid(dataclasses.replace(full_band_config(**sizes), backend="tcnn"), 3).cuda()
     assert tcnn_grid.backend == "tcnn" and not all(torch_grid.levels.dense)
     gen = torch.Generator().manual_seed(0)
     table = 0.5 * torch.randn(torch_grid.table.shape, generator=gen)
@@ -230,7 +230,7 @@ def fixed_grids(device):
     grids = []
     for backend in ("torch", "nerfacc"):
         config = OccupancyGrid.Config(resolution=RES, early_stop_eps=1e-4, alpha_threshold=0.0, backend=backend)
-        grid = OccupancyGrid(config, radius=1.0, device=device).to(device)
+        grid = OccupancyGrid(config, radius=1.0).to(device)
         grid.estimator.binaries[0] = shell_binaries(device)
         grids.append(grid)
     return grids

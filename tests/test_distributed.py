@@ -21,6 +21,8 @@ import trimesh
 
 import models.occupancy
 import run
+import systems.evaluation
+import systems.export
 import systems.neus
 from tests.conftest import ROOT
 from process_data.synthetic import make_demo_scene
@@ -70,13 +72,12 @@ def unstratified(monkeypatch):
 
 
 def first_step(system, batch):
-    """Step 0 as train_step takes it, on the given rays -> the parameters after it, and their
+    """Step 0 as Trainer.step takes it, on the given rays -> the parameters after it, and their
     gradients (compared too: Adam's first step is lr * sign(gradient), blind to its size)."""
-    system.model.train()
-    system.model.set_step(0)
-    system.update_occupancy(0)
-    stats = system.optimise(batch)
-    assert stats["skipped"] == 0.0, stats
+    system.prepare_step(0)
+    result = system.optimise(batch)
+    assert not result.skipped, result
+    stats = result.stats
     named = dict(system.model.named_parameters())
     return {"parameters": {k: p.detach().clone() for k, p in named.items()},
             "gradients": {k: p.grad.clone() for k, p in named.items()},
@@ -86,8 +87,7 @@ def first_step(system, batch):
 def continued(system, n_steps):
     """n_steps more steps from system.global_step -> the model state after them."""
     for _ in range(n_steps):
-        system.train_step(system.global_step)
-        system.global_step += 1
+        system.step()
     return {k: v.clone() for k, v in system.model.state_dict().items()}
 
 
@@ -117,7 +117,7 @@ def worker(rank, port, scene, out_dir):
         first_rays = system.dataset.sample_rays(4)["rays_d"].clone()
         skipped = []
         for step in range(K_STEPS):
-            skipped.append(system.train_step(step)["skipped"])
+            skipped.append(float(system.step().skipped))
         state = {k: v.clone() for k, v in system.model.state_dict().items()}
         train_num_rays = system.train_num_rays
 
@@ -255,8 +255,8 @@ def trained_trial(scene_template, tmp_path_factory):
     trial = tmp_path_factory.mktemp("trained") / "scene@trained"
     system = build_system(scene_template, trial, *RENDER_ARGS)
     for step in range(RENDER_STEPS):
-        system.train_step(step)
-    system.global_step = RENDER_STEPS
+        system.step()
+    assert system.global_step == RENDER_STEPS
     system.save()
     return trial
 
@@ -264,9 +264,9 @@ def trained_trial(scene_template, tmp_path_factory):
 def count_renders(monkeypatch, counts):
     """Record in `counts` what this process renders: test views, orbit frames, rays (all
     renders), SDF-grid x-planes."""
-    neus = systems.neus.NeuSSystem
-    render_view, orbit_frame, render_rays = neus.render_view, neus.orbit_frame, neus.render_rays
-    sdf_on_grid = systems.neus.sdf_on_grid
+    evaluation = systems.evaluation.Evaluation
+    render_view, orbit_frame, render_rays = evaluation.render_view, evaluation.orbit_frame, evaluation.render_rays
+    sdf_on_grid = systems.export.sdf_on_grid
 
     def counted_view(self, index):
         counts["views"].append(index)
@@ -285,10 +285,10 @@ def count_renders(monkeypatch, counts):
         counts["sdf_planes"] += values.shape[0]
         return values, voxel
 
-    monkeypatch.setattr(neus, "render_view", counted_view)
-    monkeypatch.setattr(neus, "orbit_frame", counted_frame)
-    monkeypatch.setattr(neus, "render_rays", counted_rays)
-    monkeypatch.setattr(systems.neus, "sdf_on_grid", counted_planes)
+    monkeypatch.setattr(evaluation, "render_view", counted_view)
+    monkeypatch.setattr(evaluation, "orbit_frame", counted_frame)
+    monkeypatch.setattr(evaluation, "render_rays", counted_rays)
+    monkeypatch.setattr(systems.export, "sdf_on_grid", counted_planes)
 
 
 def args_of_a_test_run(scene, checkpoint):

@@ -189,7 +189,7 @@ def make_hashgrid(**overrides) -> HashGrid:
     )
     for key, value in overrides.items():
         setattr(config, key, value)
-    return HashGrid(config, 3, "cpu")
+    return HashGrid(config, 3)
 
 
 def test_band_mask_schedule():

@@ -1,4 +1,4 @@
-"""utils/eval_dtu.py on a synthetic DTU layout (written to tmp): a ground-truth sphere of radius
+"""scripts/eval_dtu.py on a synthetic DTU layout (written to tmp): a ground-truth sphere of radius
 20 mm, predictions offset by 2 mm, a 4 mm ObsMask grid that leaves out the +x side (x - cx > 26).
 Most tests thin the prediction at 0.4 mm instead of 0.2 to stay fast (KD-tree queries 2 mm off
 a dense surface cost ~10 us each); the CLI test runs the defaults."""
@@ -11,7 +11,7 @@ import trimesh
 from scipy.io import savemat
 from scipy.spatial import cKDTree
 
-from utils.eval_dtu import (
+from scripts.eval_dtu import (
     above_plane,
     downsample,
     evaluate,

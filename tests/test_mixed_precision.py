@@ -5,36 +5,31 @@ import torch
 
 from models.network import ColorNetwork, SDFNetwork
 from tests.test_cuda_backends import needs_cuda
-from tests.test_reliability import (  # noqa: F401  (scene, scene_template: fixtures)
-    CPU_CONFIG, TINY, build_system, scene, scene_template,
-)
+from tests.test_reliability import CPU_CONFIG, TINY, build_system
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config
+from systems.config import load_config
 
-def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(scene, tmp_path):  # noqa: F811
-    """The grad-scaler path of train_step, on CPU with an enabled CPU GradScaler: a step whose
-    unscaled gradient is infinite leaves the parameters alone, is reported skipped (fit counts it
-    like a NaN step) and halves the loss scale; the next step trains."""
+def test_a_non_finite_scaled_gradient_is_skipped_counted_and_lowers_the_scale(scene, tmp_path):
+    """The grad-scaler path of a step, on CPU with an enabled CPU GradScaler: a step whose
+    unscaled gradient is infinite leaves the parameters alone, is reported skipped and counted
+    (like a NaN step) and halves the loss scale; the next step trains."""
     system = build_system(scene, tmp_path)
     system.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
     for _ in range(2):
-        assert system.train_step(system.global_step)["skipped"] == 0.0
-        system.global_step += 1
+        assert not system.step().skipped
     before = [p.detach().clone() for p in system.params]
     hook = system.model.variance.variance.register_hook(lambda g: g * float("inf"))
-    stats = system.train_step(system.global_step)
+    result = system.step()
     hook.remove()
-    assert stats["skipped"] == 1.0 and "gradient" in stats["non_finite"]
+    assert result.skipped and result.scaler_backoff and "gradient" in result.non_finite and not result.stats.keys() - {"seconds_per_step"}
     assert system.scaler.get_scale() == 512.0
     for p, q in zip(system.params, before):
         assert torch.equal(p, q)
-    system.global_step += 1
-    system.on_bad_step(stats)
-    assert system.skipped_steps == 1
-    assert system.train_step(system.global_step)["skipped"] == 0.0
+    assert system.skipped_steps == 1 and system.bad_steps_in_a_row == 0  # the scaler's to handle at 512
+    assert not system.step().skipped
 
 
-def test_float16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(scene, tmp_path):  # noqa: F811
+def test_float16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(scene, tmp_path):
     """Twelve steps with an infinite gradient (finite loss) from scale 1024: ten halvings take it to
     1 without counting towards a rollback (max_bad_steps 10); the 11th and 12th (scale 0.5, 0.25)
     count. A rollback goes on with the lower of the current and the checkpoint's scale, but not
@@ -45,10 +40,8 @@ def test_float16_overflows_are_left_to_the_scaler_until_its_scale_is_below_one(s
     system.save()
     hook = system.model.variance.variance.register_hook(lambda g: g * float("inf"))
     for _ in range(12):
-        stats = system.train_step(system.global_step)
-        system.global_step += 1
-        assert stats["skipped"] == 1.0 and stats["scaler_backoff"] == 1.0
-        system.on_bad_step(stats)
+        result = system.step()  # counts the skipped step (on_bad_step)
+        assert result.skipped and result.scaler_backoff
     hook.remove()
     assert system.scaler.get_scale() == 0.25
     assert system.skipped_steps == 12 and system.bad_steps_in_a_row == 2 and system.rollbacks == 0
@@ -85,26 +78,24 @@ def test_the_sdf_mlp_stays_float32_under_autocast():
 
 
 @needs_cuda
-def test_fp16_mixed_training_steps_on_cuda(scene, tmp_path):  # noqa: F811
+def test_fp16_mixed_training_steps_on_cuda(scene, tmp_path):
     """auto precision on CUDA is fp16-mixed: steps train with finite parameters, and the
     checkpoint holds the scaler's state and loads with weights_only and into a fresh system."""
     overrides = [o for o in TINY if not o.startswith("device=")] + ["device=cuda", f"dataset.root_dir={scene}"]
     config = load_config(CPU_CONFIG, overrides)
     import systems
 
-    system = systems.SYSTEMS.get(config.system.name)(config, systems.RunPaths.for_trial(str(tmp_path / "a")),
+    system = systems.Trainer(config, systems.RunPaths.for_trial(str(tmp_path / "a")),
                                                      torch.device("cuda"))
     assert system.mixed_precision and system.backends["trainer.precision"] == "fp16-mixed"
     trained = 0
     for _ in range(12):
-        stats = system.train_step(system.global_step)
-        system.global_step += 1
-        trained += stats["skipped"] == 0.0
+        trained += not system.step().skipped
     assert trained >= 6
     assert all(torch.isfinite(p).all() for p in system.model.parameters())
     state = load_checkpoint(system.save())
     assert state["grad_scaler"]["scale"] == system.scaler.get_scale()
-    other = systems.SYSTEMS.get(config.system.name)(config, systems.RunPaths.for_trial(str(tmp_path / "b")),
+    other = systems.Trainer(config, systems.RunPaths.for_trial(str(tmp_path / "b")),
                                                     torch.device("cuda"))
     other.load(system.checkpoint_path(system.global_step))
     assert other.scaler.get_scale() == system.scaler.get_scale()

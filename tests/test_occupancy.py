@@ -42,7 +42,7 @@ def grid():
     torch.manual_seed(0)
     config = OccupancyGrid.Config(resolution=RES, update_every=16, warmup_steps=256, occ_threshold=1e-3,
                                   early_stop_eps=1e-4, backend="torch")
-    occupancy = OccupancyGrid(config, radius=1.0, device="cpu")
+    occupancy = OccupancyGrid(config, radius=1.0)
     occupancy.update(0, sphere_occupancy)  # step 0 < warmup_steps: every cell is evaluated
     return occupancy
 

@@ -18,10 +18,10 @@ import run
 import systems
 import systems.neus
 from process_data.synthetic import make_demo_scene
-from systems.base import TrainingDiverged
+from systems.trainer import TrainingDiverged
 from tests.conftest import ROOT
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
-from utils.config import load_config
+from systems.config import load_config
 from utils.misc import map_in_chunks, seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,18 +47,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def scene_template(tmp_path_factory):
-    """A 4-view 40x30 NeuS-format scene (image/, mask/, cameras_sphere.npz)."""
-    return make_demo_scene(str(tmp_path_factory.mktemp("template") / "scene"), n_views=4, width=40, height=30)
-
-
-@pytest.fixture
-def scene(scene_template, tmp_path):
-    """A private copy of the template, to break as each test needs."""
-    return shutil.copytree(scene_template, str(tmp_path / "scene"))
-
-
 def run_main(capsys, *args):
     """run.py's main in this process -> (exit code, stderr)."""
     code = run.main(["--config", CPU_CONFIG, *args])
@@ -68,7 +56,7 @@ def run_main(capsys, *args):
 def build_system(scene, trial_dir, *overrides):
     config = load_config(CPU_CONFIG, [f"dataset.root_dir={scene}", *TINY, *overrides])
     seed_everything(config.seed)
-    return systems.SYSTEMS.get(config.system.name)(config, systems.RunPaths.for_trial(str(trial_dir)),
+    return systems.Trainer(config, systems.RunPaths.for_trial(str(trial_dir)),
                                                    torch.device("cpu"))
 
 
@@ -163,6 +151,24 @@ def test_bad_config_and_resume_are_refused(args, expected, scene, tmp_path, caps
     outputs = tmp_path / "outputs"
     code, err = run_main(capsys, *args, "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY)
     assert_refused_at_start_up(code, err, expected, outputs)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("dataset.background_color=blue", ["dataset.background_color", "'blue'", "['random', 'white', 'black']"]),
+        ("model.geometry.grad_type=fd", ["model.geometry.grad_type", "'fd'", "['analytic', 'finite_difference']"]),
+        ("export.formats=[ply,gltf]", ["export.formats[1]", "'gltf'", "['ply', 'obj', 'stl']"]),
+    ],
+)
+@pytest.mark.parametrize("mode", ["--train", "--mesh"])
+def test_bad_string_choices_fail_at_load_naming_the_valid_values(override, expected, mode, tmp_path, capsys):
+    """Checked when the config loads: before the data is read (the missing root_dir is not what
+    is reported), before a checkpoint is looked for, with one line naming key and choices."""
+    outputs = tmp_path / "outputs"
+    code, err = run_main(capsys, mode, "--outputs_dir", str(outputs), f"dataset.root_dir={tmp_path / 'missing'}",
+                         *TINY, override)
+    assert_refused_at_start_up(code, err, ["config error: bad value for config key", *expected], outputs)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -275,18 +281,16 @@ def test_a_nan_step_is_skipped(scene, tmp_path, monkeypatch):
     system = build_system(scene, tmp_path)
     poison(monkeypatch, {3})
     for _ in range(3):
-        system.train_step(system.global_step)
-        system.global_step += 1
+        system.step()
     # everything but the step-driven state (occupancy grid, cos-anneal ratio)
     before = {k: v.clone() for k, v in system.model.state_dict().items()
               if "estimator" not in k and k != "cos_anneal_ratio"}
-    stats = system.train_step(system.global_step)
-    assert stats["skipped"] == 1.0 and "rgb_l1" in stats["non_finite"]
+    result = system.step()
+    assert result.skipped and "rgb_l1" in result.non_finite and system.skipped_steps == 1
     after = system.model.state_dict()
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
-    system.global_step += 1
-    assert system.train_step(system.global_step)["skipped"] == 0.0
+    assert not system.step().skipped and system.bad_steps_in_a_row == 0
 
 
 def test_persistent_nans_roll_back_with_a_lower_learning_rate(scene, tmp_path, monkeypatch):
@@ -317,7 +321,7 @@ def test_nans_that_never_stop_end_the_run_with_a_clear_error(scene, tmp_path, mo
 # --- memory ---------------------------------------------------------------------------------
 def test_out_of_memory_halves_the_chunk_and_retries(scene, tmp_path, monkeypatch):
     system = build_system(scene, tmp_path, "trainer.eval_chunk_rays=1000")
-    reference = system.render_view(0)
+    reference = system.task.evaluation.render_view(0)
     forward = system.model.forward
 
     def limited(rays_o, *args):
@@ -326,8 +330,8 @@ def test_out_of_memory_halves_the_chunk_and_retries(scene, tmp_path, monkeypatch
         return forward(rays_o, *args)
 
     monkeypatch.setattr(system.model, "forward", limited)
-    images = system.render_view(0)
-    assert system.eval_chunk_rays == 250
+    images = system.task.evaluation.render_view(0)
+    assert system.task.evaluation.eval_chunk_rays == 250
     for key in ("rgb", "opacity", "depth"):
         torch.testing.assert_close(images[key], reference[key], msg=key)
 
@@ -356,8 +360,7 @@ def test_same_seed_same_parameters_on_cpu(scene, tmp_path):
     for name in ("a", "b"):
         system = build_system(scene, tmp_path / name)
         for _ in range(8):
-            system.train_step(system.global_step)
-            system.global_step += 1
+            system.step()
         runs.append(system.model.state_dict())
     for key in runs[0]:
         torch.testing.assert_close(runs[0][key], runs[1][key], rtol=0, atol=0, msg=key)

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 import systems
 from tests.conftest import ROOT
 from utils.checkpoint import CHECKPOINT_VERSION
-from utils.config import load_config, to_primitive
+from systems.config import load_config
+from utils.config import to_primitive
 from utils.misc import seed_everything
 
 CPU_CONFIG = os.path.join(ROOT, "confs", "neus-dtu-wmask-cpu.yaml")
@@ -39,29 +40,27 @@ def build_system(dtu_root, trial_dir, *overrides):
     """As run.py does: load the config, seed, build the system named by system.name."""
     config = load_config(CPU_CONFIG, [f"dataset.root_dir={dtu_root}", *SMALL, *overrides])
     seed_everything(config.seed)
-    return systems.SYSTEMS.get(config.system.name)(
+    return systems.Trainer(
         config, systems.RunPaths.for_trial(str(trial_dir)), torch.device("cpu")
     )
 
 
 def run_steps(system, n):
-    """What fit() does per step (without logging): train_step(global_step), then count it."""
-    losses = []
-    for _ in range(n):
-        losses.append(system.train_step(system.global_step)["loss"])
-        system.global_step += 1
-    return losses
+    """What fit() does per step (without logging, validation, checkpoints) -> the losses."""
+    return [system.step().stats["loss"] for _ in range(n)]
 
 
 def test_short_training_run_lowers_the_loss(cached_scene, tmp_path):
     """60 steps (lr warm-up shortened to 10 steps): mean loss of the last 10 steps is well below
     that of the first 10 (about 0.28 -> 0.11 on scan 24)."""
     system = build_system(cached_scene, tmp_path, "system.scheduler.warmup_steps=10")
+    inv_s_at_start = system.model.variance.inv_s().item()
     losses = run_steps(system, 60)
     assert all(np.isfinite(losses))
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.7 * first, (first, last)
-    assert system.model.variance.inv_s().item() > 0
+    # the learned sharpness grew: the rendering concentrates on a surface
+    assert system.model.variance.inv_s().item() > 1.2 * inv_s_at_start, (inv_s_at_start, system.model.variance.inv_s())
 
 
 RESUME = ["model.sampler.update_every=4", "model.sampler.warmup_steps=6", "system.scheduler.warmup_steps=5"]
@@ -120,11 +119,11 @@ def test_renders_after_reload_match(cached_scene, tmp_path):
     rays = system.dataset.view_rays(0)
     pick = torch.arange(0, rays["rays_o"].shape[0], 97)
     rays = {k: v[pick] for k, v in rays.items()}
-    before = system.render_image(rays, 1, pick.shape[0])
+    before = system.task.evaluation.render_image(rays, 1, pick.shape[0])
     path = system.save()
     reloaded = build_system(cached_scene, tmp_path, "model.cos_anneal_steps=40")
     reloaded.load(path)
-    after = reloaded.render_image(rays, 1, pick.shape[0])
+    after = reloaded.task.evaluation.render_image(rays, 1, pick.shape[0])
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
 
@@ -247,9 +246,10 @@ def test_ray_budget_counts_background_samples():
     """16384 samples a step: 1000 rays with 8000 foreground samples buy 2048 rays next; with
     40000 background samples at 0.3 each the step cost 8000 + 12000 = 20000, so 819 rays;
     clamped to [64, max]."""
-    from systems.neus import next_ray_count
+    from systems.trainer import TrainerConfig, next_ray_count
 
-    assert next_ray_count(1000, 8000, 0, 16384, 0.3, 8192) == 2048
-    assert next_ray_count(1000, 8000, 40000, 16384, 0.3, 8192) == 819
-    assert next_ray_count(1000, 100, 0, 16384, 0.3, 8192) == 8192
-    assert next_ray_count(1000, 8000, 10**7, 16384, 0.3, 8192) == 64
+    config = TrainerConfig(num_samples_per_step=16384, background_sample_cost=0.3, max_train_num_rays=8192)
+    assert next_ray_count(1000, 8000, config) == 2048
+    assert next_ray_count(1000, 8000, config, n_bg_samples=40000) == 819
+    assert next_ray_count(1000, 100, config) == 8192
+    assert next_ray_count(1000, 8000, config, n_bg_samples=10**7) == 64

@@ -9,11 +9,13 @@ arguments are OmegaConf dot-list overrides applied last.
 Every section is validated against the dataclass `Config` of the component it configures
 (looked up in that family's registry), so a misspelt key or a value of the wrong type fails
 at load with the valid keys listed, instead of deep inside a model twenty minutes later.
+This module is the generic machinery and imports nothing of the project; the run's config
+(which registry validates which section) is assembled in systems/config.py.
 """
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Type
+from typing import Any, Callable, Dict, List, Literal, Sequence, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -40,20 +42,11 @@ def _register_resolvers() -> None:
 
 _register_resolvers()
 
-
-@dataclass
-class RunConfig:
-    """Top-level keys. Sections are validated by the component each one names."""
-
-    name: str = "${model.name}-${dataset.name}-${basename:${dataset.root_dir}}"
-    tag: str = ""
-    seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dataset: Any = None
-    model: Any = None
-    system: Any = None
-    trainer: Any = None
-    export: Any = None
+# String choices shared by several components. OmegaConf checks a Literal field at load and
+# names the valid values, so a typo stops the run before anything is built.
+BackgroundColor = Literal["random", "white", "black"]
+Precision = Literal["auto", "fp16-mixed", "fp32"]
+MeshFormat = Literal["ply", "obj", "stl"]
 
 
 def valid_keys(schema: Type) -> List[str]:
@@ -67,7 +60,7 @@ def parse_structured(schema: Type, raw: Any, path: str) -> DictConfig:
     if not isinstance(raw, (dict, DictConfig)):
         raise ConfigError(f"config section '{path}' must be a mapping, got {raw!r}")
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema), raw)
+        return parse_nested_components(schema, OmegaConf.merge(OmegaConf.structured(schema), raw), path)
     except ConfigKeyError as e:
         key = f"{path}.{e.full_key}" if path else str(e.full_key)
         sub = _schema_at(schema, str(e.full_key).split(".")[:-1])
@@ -76,7 +69,26 @@ def parse_structured(schema: Type, raw: Any, path: str) -> DictConfig:
         ) from None
     except ValidationError as e:
         key = f"{path}.{e.full_key}" if path else str(e.full_key)
-        raise ConfigError(f"bad value for config key '{key}': {e.msg}") from None
+        reason = str(e.msg).strip().splitlines()[0]  # OmegaConf appends full_key / object_type lines
+        raise ConfigError(f"bad value for config key '{key}': {reason}") from None
+
+
+def component_field(default: Dict[str, Any], parse: Callable[[Any, str], DictConfig]):
+    """A config field holding another component's config, chosen by a key inside it (an
+    encoding's `otype`): typed `Any` here, then parsed into that component's own dataclass by
+    `parse(raw, path)` wherever it appears, without a list of paths."""
+    return dataclasses.field(default_factory=lambda: dict(default), metadata={"parse": parse})
+
+
+def parse_nested_components(schema: Type, node: DictConfig, path: str) -> DictConfig:
+    """Replace every component_field of `schema` (at any depth) in `node` by its parsed config."""
+    for f in dataclasses.fields(schema):
+        key = f"{path}.{f.name}" if path else f.name
+        if "parse" in f.metadata:
+            node[f.name] = f.metadata["parse"](node[f.name], key)
+        elif dataclasses.is_dataclass(f.type) and isinstance(node.get(f.name), DictConfig):
+            parse_nested_components(f.type, node[f.name], key)
+    return node
 
 
 def _schema_at(schema: Type, keys: Sequence[str]) -> Type:
@@ -132,51 +144,18 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"cannot read overrides {list(overrides)}: {e}") from None
 
 
-def validate(raw: DictConfig) -> DictConfig:
-    """Check every section against its component's dataclass and resolve interpolations."""
-    # Imported here: the component packages import utils, not the other way round.
-    from models import MODELS
-    from process_data import DATASETS
-    from systems import SYSTEMS, ExportConfig, TrainerConfig
-
-    # the named sections first: an unknown name is the error to report, not what follows from it
-    named = {
-        "dataset": _parse_named(DATASETS, raw.get("dataset"), "dataset"),
-        "model": _parse_named(MODELS, raw.get("model"), "model"),
-        "system": _parse_named(SYSTEMS, raw.get("system"), "system"),
-    }
-    top = parse_structured(RunConfig, raw, "")
-    sections: Dict[str, Any] = {k: top[k] for k in ("name", "tag", "seed", "device")}
-    sections.update(named)
-    sections["trainer"] = parse_structured(TrainerConfig, raw.get("trainer"), "trainer")
-    sections["export"] = parse_structured(ExportConfig, raw.get("export"), "export")
-    conf = OmegaConf.create(sections)
-    try:
-        OmegaConf.resolve(conf)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot resolve config: {e}") from None
-    OmegaConf.set_struct(conf, True)
-    return conf
-
-
-def _parse_named(registry, raw: Any, path: str) -> DictConfig:
-    if raw is None or "name" not in raw:
-        raise ConfigError(f"config section '{path}' needs a 'name'; valid names: {', '.join(registry.names())}")
-    try:
-        cls = registry.get(raw["name"])
-    except KeyError as e:
-        raise ConfigError(f"{path}.name: {e.args[0]}") from None
-    return cls.parse_config(raw, path)
-
-
-def load_config(config_file: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved, validated config of `config_file` with `overrides` applied."""
-    raw = OmegaConf.merge(load_yaml_chain(config_file), parse_overrides(overrides))
-    return validate(raw)
-
-
 def to_primitive(conf: DictConfig) -> dict:
     return OmegaConf.to_container(conf, resolve=True)
+
+
+def __getattr__(name: str):
+    """load_config, validate and RunConfig moved to systems/config.py (the run's sections are
+    the components' configs, and utils/ imports none of them); old imports still work."""
+    if name in ("load_config", "validate", "RunConfig"):
+        import importlib
+
+        return getattr(importlib.import_module("systems.config"), name)
+    raise AttributeError(f"module 'utils.config' has no attribute '{name}'")
 
 
 class Configurable:

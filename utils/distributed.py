@@ -5,9 +5,9 @@ LOCAL_RANK, MASTER_ADDR/PORT set by its rendezvous); a plain `python run.py` nev
 torch.distributed, and every helper here is then the identity (or a no-op).
 
 Backend: NCCL when the run's device is CUDA (each rank takes the GPU its LOCAL_RANK names),
-gloo otherwise (CPU). Rendering is shared out with map_in_turns (whole views, in turns) and
-gather_rows (a view's rays, a grid's planes), so that no rank waits in a collective while
-another renders alone.
+gloo otherwise (CPU). Evaluation is shared out with one helper, map_in_turns (rank r takes
+items r, r + N, ...; rank 0 gathers): whole views, orbit frames, or N blocks of a view's rays
+or of a grid's planes, so that no rank waits in a collective while another renders alone.
 """
 import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
@@ -166,23 +166,8 @@ def rank_slice(n: int) -> slice:
     return share_of(n, rank(), world_size())
 
 
-def gather_rows(rows: torch.Tensor, n: int) -> Optional[torch.Tensor]:
-    """Each rank's rank_slice(n) rows [share, ...] -> on rank 0 all n rows [n, ...] in order,
-    on rows' device (None elsewhere). One tensor gather: the shares are padded to the largest."""
-    if not is_initialized():
-        return rows
-    padded = torch.zeros((-(-n // world_size()), *rows.shape[1:]), dtype=rows.dtype, device=comm_device())
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in range(world_size())] if is_main() else None
-    dist.gather(padded, gathered, dst=0)
-    if not is_main():
-        return None
-    shares = [share_of(n, r, world_size()) for r in range(world_size())]
-    return torch.cat([part[: s.stop - s.start] for part, s in zip(gathered, shares)]).to(rows.device)
-
-
 def map_in_turns(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[Tuple[T, R]]:
-    """fn over items shared out in turns: item i runs on rank i % world_size, one item per rank
+    """The one shard-and-gather helper: fn over items shared out in turns: item i runs on rank i % world_size, one item per rank
     per round, and each round's results are gathered to rank 0 -> on rank 0 every (item, result)
     in item order, as its round completes; on the other ranks nothing, though they must run
     through the iterator all the same (each round ends in a collective). Results travel pickled:
@@ -192,3 +177,27 @@ def map_in_turns(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[Tuple[T, 
         results = gather_objects(fn(turn[rank()]) if rank() < len(turn) else None)
         if is_main():
             yield from zip(turn, results)
+
+
+class Shards:
+    """What rank-agnostic evaluation needs of the process group, in one place: `map` is
+    map_in_turns (rank r takes items r, r + N, ...; rank 0 gets every result), `blocks(n)`
+    the N contiguous blocks of n rows (one item per rank), `writes` whether this process
+    writes the results (rank 0), `agree(obj)` rank 0's obj on every rank. Without torchrun
+    it is a plain map over all items, in this process."""
+
+    @staticmethod
+    def map(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[Tuple[T, R]]:
+        return map_in_turns(fn, items)
+
+    @staticmethod
+    def blocks(n: int) -> List[slice]:
+        return [share_of(n, r, world_size()) for r in range(world_size())]
+
+    @property
+    def writes(self) -> bool:
+        return is_main()
+
+    @staticmethod
+    def agree(obj: Any) -> Any:
+        return broadcast_object(obj)

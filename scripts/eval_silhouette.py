@@ -1,6 +1,6 @@
 """Silhouette IoU of a mesh against a NeuS-format scene's masks, over all views.
 
-    python -m utils.eval_silhouette --mesh outputs/.../save/it004000-mc256.ply \
+    python -m scripts.eval_silhouette --mesh outputs/.../save/it004000-mc256.ply \
         --root_dir ../shared/data/dtu_scan24 --img_downscale 4
 
 The mesh must be in the scene's world frame (what --mesh writes). Prints per-view and mean IoU.

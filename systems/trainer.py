@@ -1,7 +1,16 @@
-"""The training loop every system shares: steps, logging, validation cadence, checkpoints.
+"""The generic trainer: one optimisation step (forward under autocast, backward, grad scaler,
+the non-finite check agreed by all ranks, skip / rollback), the ray budget, signals,
+checkpoints and the logging cadence. What is trained, and how it is evaluated, is the task's
+(systems/neus.py); nothing here knows NeuS.
 
-A system subclasses `BaseSystem` and writes the parts that are its own: `train_step`,
-`validate`, `test`, `export_mesh`.
+One training step (`Trainer.step`):
+
+    task.set_step(step)                      schedules that follow the step
+    task.update_shared_state(step)           rank 0 (occupancy grids); broadcast to the others
+    batch = task.sample_batch(rays_per_rank)
+    losses, telemetry = task.loss(model, batch, autocast)
+    backward -> unscale -> finite? (all ranks agree) -> optimizer step -> next_ray_count
+    -> StepResult(skipped, non_finite, scaler_backoff, stats)
 """
 import contextlib
 import json
@@ -14,10 +23,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from systems.backends import resolve_backends
+from systems.optim import build_optimizer, build_scheduler, fit_state_to_parameter_shapes
+from systems.registry import SYSTEMS
+from utils import distributed as dist
 from utils.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -28,8 +41,7 @@ from utils.checkpoint import (
     save_checkpoint,
     step_of,
 )
-from utils import distributed as dist
-from utils.config import Configurable, to_primitive
+from utils.config import Precision, to_primitive
 from utils.logger import NullWriter
 from utils.misc import get_rng_state, process_age, seed_everything, set_rng_state
 
@@ -44,7 +56,7 @@ class TrainerConfig:
     max_train_num_rays: int = 8192
     dynamic_ray_sampling: bool = True  # adapt the rays per step to keep ~num_samples_per_step samples
     num_samples_per_step: int = 262144
-    # a background sample's cost in foreground samples, in that budget (systems.neus.next_ray_count)
+    # a background sample's cost in foreground samples, in that budget (next_ray_count)
     background_sample_cost: float = 0.3
     log_every: int = 50  # steps between TensorBoard scalars / log lines
     val_every: int = 2500  # steps between validation renders (0: never)
@@ -58,31 +70,14 @@ class TrainerConfig:
     max_rollbacks: int = 3
     # auto: fp16-mixed on CUDA (float16 autocast around the model's forward, a grad scaler whose
     # skipped steps count as non-finite ones), fp32 on CPU; or fp16-mixed | fp32 explicitly
-    precision: str = "auto"
+    precision: Precision = "auto"
     eval_chunk_rays: int = 4096  # rays rendered at once in validation / test
     test_at_end: bool = True  # --train ends with the test stage (renders, metrics, video, mesh)
+    n_test_traj_steps: int = 60  # frames of the orbit video
+    test_traj_downscale: float = 1.0  # render the orbit video at 1/this of the image size
     # also write a checkpoint to <trial>/curve/ when the command's wall clock (from process start,
     # minus the time spent writing these) passes each of these seconds (scripts/curve.py)
     checkpoint_at_seconds: List[float] = field(default_factory=list)
-    n_test_traj_steps: int = 60  # frames of the orbit video
-    test_traj_downscale: float = 1.0  # render the orbit video at 1/this of the image size
-
-
-@dataclass
-class ExportConfig:
-    mesh_resolution: int = 512  # marching cubes grid (fine pass) over the object region
-    mesh_threshold: float = 0.0  # iso-level of the SDF
-    mesh_chunk: int = 65536  # points per SDF evaluation
-    formats: List[str] = field(default_factory=lambda: ["ply"])  # any of ply, obj, stl
-    largest_component: bool = True  # keep only the largest connected piece
-    cull_with_masks: bool = False  # drop faces that project outside the (dilated) masks
-    fscore_threshold: float = 0.01  # F-score distance, in units of the normalised (unit-sphere) radius
-    # the object without its support (utils/isolate.py): find the plane it stands on (all cameras
-    # above it, reaching the region's edge) and cut the surface `isolate_margin` above it (normalised
-    # units); what is cut goes to it<step>-mc<res>-removed.ply. On in the unmasked configs.
-    isolate: bool = False
-    isolate_margin: float = 0.02
-    isolate_tolerance: float = 0.01  # RANSAC inlier distance of the plane
 
 
 @dataclass
@@ -108,6 +103,18 @@ class RunPaths:
         )
 
 
+@dataclass
+class StepResult:
+    """What one training step did. A skipped step left the parameters as they were: `non_finite`
+    says what was not finite, `scaler_backoff` whether the grad scaler took it as a float16
+    overflow (and halved its scale). `stats` are the scalars to log (empty when skipped)."""
+
+    skipped: bool
+    non_finite: str = ""
+    scaler_backoff: bool = False
+    stats: Dict[str, float] = field(default_factory=dict)
+
+
 class WallClockMarks:
     """trainer.checkpoint_at_seconds: a checkpoint in <trial>/curve/ each time the command's
     wall clock passes a mark, not counting the time spent writing them, and
@@ -119,7 +126,7 @@ class WallClockMarks:
         self.paused = 0.0  # seconds spent writing mark checkpoints
         self.written: List[Dict[str, Any]] = []
 
-    def save_if_due(self, system: "BaseSystem") -> None:
+    def save_if_due(self, trainer: "Trainer") -> None:
         if not self.pending:
             return
         elapsed = dist.broadcast_object(process_age() - self.paused)  # rank 0's clock
@@ -131,9 +138,9 @@ class WallClockMarks:
             self.pending.pop(0)
         if dist.is_main():
             os.makedirs(self.folder, exist_ok=True)
-        path = system.save(os.path.join(self.folder, checkpoint_name(system.global_step)))
+        path = trainer.save(os.path.join(self.folder, checkpoint_name(trainer.global_step)))
         if dist.is_main():
-            self.written.append({"mark": mark, "seconds": round(elapsed, 2), "step": system.global_step,
+            self.written.append({"mark": mark, "seconds": round(elapsed, 2), "step": trainer.global_step,
                                  "path": os.path.abspath(path)})
             with open(os.path.join(self.folder, "marks.json"), "w") as f:
                 json.dump(self.written, f, indent=1)
@@ -153,10 +160,31 @@ class TrainingDiverged(RuntimeError):
     """Non-finite steps that rolling back could not cure."""
 
 
-class BaseSystem(Configurable):
+def next_ray_count(n_rays: int, n_samples: int, config: TrainerConfig, n_bg_samples: int = 0) -> int:
+    """The ray budget: the next step's rays (all ranks together), scaled from this step's
+    n_rays, n_samples and n_bg_samples (over all ranks) so that the step costs about
+    num_samples_per_step foreground samples, within [64, max_train_num_rays]:
+        cost = n_samples + background_sample_cost * n_bg_samples,  rays = n_rays * budget / cost
+    (a background sample has no SDF gradient, no eikonal double backward and a smaller grid).
+    Without the background term an unmasked run whose foreground samples per ray fall buys ever
+    more rays, each paying for all its background samples: its steps grew from 0.3 s to 1 s."""
+    cost = n_samples + config.background_sample_cost * n_bg_samples
+    wanted = n_rays * config.num_samples_per_step / max(cost, 1.0)
+    return int(min(max(wanted, 64), config.max_train_num_rays))
+
+
+def gradients_are_finite(params: List[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads]).sum())) if grads else True
+
+
+class Trainer:
+    """Trains the task `config.system.name` names: builds it, its optimizer and schedule, and
+    runs, saves and resumes the training; validate / test / export_mesh are the task's
+    evaluation, run on every rank (each renders a share; rank 0 writes)."""
+
     def __init__(self, config: DictConfig, paths: RunPaths, device: torch.device):
         self.full_config = config
-        self.config = config.system
         self.trainer_config: TrainerConfig = config.trainer
         self.paths = paths
         self.device = device
@@ -167,35 +195,27 @@ class BaseSystem(Configurable):
         self.rollbacks = 0
         self.bad_steps_in_a_row = 0
         self._stop_signal: Optional[int] = None
+        self.step_callbacks: List[Any] = []  # called with the step after each training step (the live viewer)
         self._writer = None
-        # {config key: backend} of every component, and trainer.precision; fails here (ConfigError
-        # naming the key) when the device cannot serve a request, before any model is built
+        # {config key: backend} of every component, and trainer.precision, decided once here;
+        # fails (ConfigError naming the key) when the device cannot serve a request, before any
+        # model is built. The task builds its components from these choices.
         self.backends = resolve_backends(config, device)
         self.mixed_precision = self.backends["trainer.precision"] == "fp16-mixed"
         # disabled (fp32): scale / unscale_ / update do nothing and step is optimizer.step
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.mixed_precision)
+        self.task = SYSTEMS.get(config.system.name)(config, device, self.backends)
+        self.model = self.task.model
+        self.optimizer = build_optimizer(self.task.parameter_groups(), config.system.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, config.system.scheduler)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.train_model = self.model if dist.world_size() == 1 else self.wrap_data_parallel(self.model, device)
 
-    # --- to be written by each system -------------------------------------------------
-    def train_step(self, step: int) -> Dict[str, float]:
-        raise NotImplementedError
+    # --- pieces -----------------------------------------------------------------------------
+    @property
+    def dataset(self):
+        return self.task.dataset
 
-    # validate, test and export_mesh run on every rank (each renders a share); rank 0 writes
-    def validate(self) -> Dict[str, float]:
-        raise NotImplementedError
-
-    def test(self) -> Dict[str, Any]:
-        raise NotImplementedError
-
-    def export_mesh(self) -> List[str]:
-        raise NotImplementedError
-
-    def state_dict(self) -> Dict[str, Any]:
-        raise NotImplementedError
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    # --- shared ------------------------------------------------------------------------
     def autocast(self):
         """float16 autocast for the training forward under fp16-mixed, else nothing."""
         if not self.mixed_precision:
@@ -209,11 +229,99 @@ class BaseSystem(Configurable):
             self._writer = SummaryWriter(self.paths.logs_dir) if dist.is_main() else NullWriter()
         return self._writer
 
+    @staticmethod
+    def wrap_data_parallel(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+        """DDP averages the gradients over ranks during backward (the eikonal term's
+        double backward included: its autograd.grad is taken w.r.t. the sample points inside
+        forward, so the parameters' gradients still accumulate once, in backward). Buffers are
+        not re-broadcast each forward: the state the task changes between steps (occupancy
+        grids) is broadcast where it changes (update_shared_state); the schedules follow the
+        step, identical on every rank."""
+        return DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
+
     def rays_per_rank(self) -> int:
         """This rank's share of the step's global ray budget (equal on every rank, so that the
         mean of the ranks' per-ray losses is the mean over all rays)."""
         return max(self.train_num_rays // dist.world_size(), 1)
 
+    # --- one step ---------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        """One training step at global_step, which it advances; a non-finite step is skipped,
+        counted, and rolls training back once max_bad_steps come in a row."""
+        start = time.perf_counter()
+        self.prepare_step(self.global_step)
+        result = self.optimise(self.task.sample_batch(self.rays_per_rank()))
+        self.global_step += 1
+        result.stats["seconds_per_step"] = time.perf_counter() - start
+        if result.skipped:
+            self.on_bad_step(result)
+        else:
+            self.bad_steps_in_a_row = 0
+        return result
+
+    def prepare_step(self, step: int) -> None:
+        """The task's schedules for `step`, and its state updates (occupancy grids): rank 0
+        updates, the others take a copy of what changed, so that every rank marches through the
+        same cells. The update draws random cells from torch's RNG, which is each rank's own ray
+        stream; copying rank 0's state keeps the ranks identical without a second random
+        stream kept in step on every rank."""
+        self.task.set_step(step)
+        changed = self.task.update_shared_state(step) if dist.is_main() else []
+        if dist.world_size() > 1:
+            names_of = {id(t): name for name, t in self.model.named_buffers()}
+            names = dist.broadcast_object([names_of[id(t)] for t in changed] if dist.is_main() else None)
+            buffers = dict(self.model.named_buffers())
+            dist.broadcast_([buffers[name] for name in names])
+
+    def optimise(self, batch: Dict[str, torch.Tensor]) -> StepResult:
+        """One optimisation step on this rank's rays; with several ranks the gradients are
+        those of the loss over all ranks' rays (mean over rays, and over samples for the
+        per-sample terms), and every rank skips a step that is non-finite on any rank."""
+        losses, telemetry = self.task.loss(self.train_model, batch, self.autocast())
+        self.optimizer.zero_grad(set_to_none=True)
+        non_finite = [k for k, v in losses.items() if k != "total" and not torch.isfinite(v)]
+        n_rays, n_samples, n_bg_samples = telemetry.n_rays, telemetry.n_samples, telemetry.n_bg_samples
+        if dist.world_size() > 1:
+            # one all-reduce: ranks with a non-finite loss, and the step's rays and samples
+            bad_ranks, n_rays, n_samples, n_bg_samples = dist.all_reduce_sum(
+                torch.tensor([float(bool(non_finite)), n_rays, n_samples, n_bg_samples], dtype=torch.float64)
+            ).tolist()
+            n_rays, n_samples, n_bg_samples = int(n_rays), int(n_samples), int(n_bg_samples)
+            if bad_ranks and not non_finite:
+                non_finite.append("loss on another rank")
+            losses = self.task.weight_for_sample_share(losses, dist.world_size() * telemetry.n_samples
+                                                       / max(n_samples, 1))
+        backward = not non_finite and losses["total"].requires_grad  # the same on every rank
+        if backward:
+            self.scaler.scale(losses["total"]).backward(inputs=self.params)
+            self.scaler.unscale_(self.optimizer)  # true gradients (fp16-mixed), checked like fp32 ones
+            if not gradients_are_finite(self.params):  # averaged over ranks: the same everywhere
+                non_finite.append("gradient")
+        if not non_finite:
+            self.scaler.step(self.optimizer)
+            if self.trainer_config.dynamic_ray_sampling:
+                self.train_num_rays = next_ray_count(n_rays, n_samples, self.trainer_config, n_bg_samples)
+        scaler_backoff = False
+        if backward:  # fp16-mixed: grows the loss scale, or halves it after a non-finite gradient
+            self.scaler.update()
+            if self.scaler.is_enabled() and non_finite == ["gradient"]:
+                scaler_backoff = True  # a finite loss: most likely float16 overflow at this scale
+                non_finite[-1] = f"gradient (float16 overflow? loss scale now {self.scaler.get_scale():g})"
+        self.scheduler.step()
+        if non_finite:  # the parameters stay as they were; step() counts it and may roll back
+            return StepResult(skipped=True, non_finite=", ".join(non_finite), scaler_backoff=scaler_backoff)
+        stats = {f"loss_{k}": v.item() for k, v in losses.items() if k != "total"}
+        stats.update(loss=losses["total"].item(), **telemetry.rank_mean)
+        stats = dist.mean_over_ranks(stats)
+        stats.update(lr=self.optimizer.param_groups[0]["lr"], **telemetry.scalars, rays=float(n_rays),
+                     samples_per_ray=n_samples / n_rays)
+        if self.mixed_precision:
+            stats["loss_scale"] = self.scaler.get_scale()
+        return StepResult(skipped=False, stats=stats)
+
+    # --- the loop -----------------------------------------------------------------------------
     def fit(self) -> None:
         """Train to max_steps: validation and checkpoints on their cadence, non-finite steps
         skipped (rolled back when they persist), SIGINT / SIGTERM -> checkpoint and
@@ -241,21 +349,19 @@ class BaseSystem(Configurable):
         window: List[Dict[str, float]] = []
         marks = WallClockMarks(cfg.checkpoint_at_seconds, self.paths.trial_dir)
         while self.global_step < cfg.max_steps:
-            start = time.perf_counter()
-            stats = self.train_step(self.global_step)
-            self.global_step += 1
-            stats["seconds_per_step"] = time.perf_counter() - start
+            result = self.step()
             bar.update(1)
-            if stats["skipped"]:
-                self.on_bad_step(stats)
+            for callback in self.step_callbacks:
+                callback(self.global_step)
+            if result.skipped:
                 if self.global_step < bar.n:  # rolled back
                     bar.reset(total=cfg.max_steps)
                     bar.update(self.global_step)
                     window = []
             else:
-                self.bad_steps_in_a_row = 0
-                window.append(stats)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", psnr=f"{stats['psnr']:.2f}", lr=f"{stats['lr']:.2e}")
+                window.append(result.stats)
+                bar.set_postfix(loss=f"{result.stats['loss']:.4f}", lr=f"{result.stats['lr']:.2e}",
+                                **self.task.progress(result.stats))
             if window and (self.global_step % cfg.log_every == 0 or self.global_step == cfg.max_steps):
                 self.log_scalars(window)
                 window = []
@@ -298,24 +404,20 @@ class BaseSystem(Configurable):
             pass
         return previous
 
-    @staticmethod
-    def gradients_are_finite(params: List[torch.Tensor]) -> bool:
-        grads = [p.grad for p in params if p.grad is not None]
-        return bool(torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads]).sum())) if grads else True
-
-    def on_bad_step(self, stats: Dict[str, float]) -> None:
+    # --- non-finite steps -----------------------------------------------------------------------
+    def on_bad_step(self, result: StepResult) -> None:
         """Count a skipped (non-finite) step; roll back once max_bad_steps come in a row. A
         float16 overflow with a finite loss (fp16-mixed) is the grad scaler's to handle (it has
         just halved its scale): it counts towards a rollback only once the scale is below
         MIN_LOSS_SCALE, else the first steps' overflows at the initial 65536 could trigger one."""
         cfg = self.trainer_config
         self.skipped_steps += 1
-        scaler_handles_it = stats.get("scaler_backoff") and self.scaler.get_scale() >= MIN_LOSS_SCALE
+        scaler_handles_it = result.scaler_backoff and self.scaler.get_scale() >= MIN_LOSS_SCALE
         if not scaler_handles_it:
             self.bad_steps_in_a_row += 1
         self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.global_step)
         log.warning("step %d skipped: non-finite %s (%d in a row)", self.global_step - 1,
-                    stats.get("non_finite", "loss or gradient"), self.bad_steps_in_a_row)
+                    result.non_finite or "loss or gradient", self.bad_steps_in_a_row)
         if self.bad_steps_in_a_row >= cfg.max_bad_steps:
             self.rollback()
 
@@ -362,17 +464,40 @@ class BaseSystem(Configurable):
         self.lr_scale = lr_scale
 
     def log_scalars(self, window: List[Dict[str, float]]) -> None:
-        mean = {k: sum(s[k] for s in window) / len(window) for k in window[-1] if k != "skipped"}
+        mean = {k: sum(s[k] for s in window) / len(window) for k in window[-1]}
         for key, value in mean.items():
             self.writer.add_scalar(f"train/{key}", value, self.global_step)
-        log.info(
-            "step %d/%d loss %.4f psnr %.2f lr %.2e rays %d samples/ray %.1f inv_s %.1f %.3f s/step",
-            self.global_step, self.trainer_config.max_steps, mean["loss"], mean["psnr"], mean["lr"],
-            mean["rays"], mean["samples_per_ray"], mean["inv_s"], mean["seconds_per_step"],
-        )
+        task_scalars = " ".join(f"{k} {v}" for k, v in self.task.progress(mean).items())
+        log.info("step %d/%d loss %.4f %s lr %.2e rays %d %.3f s/step", self.global_step,
+                 self.trainer_config.max_steps, mean["loss"], task_scalars, mean["lr"], mean["rays"],
+                 mean["seconds_per_step"])
 
+    # --- evaluation: the task's, on every rank ---------------------------------------------
+    def validate(self) -> Dict[str, float]:
+        return self.task.validate(self.global_step, self.paths.save_dir, self.writer)
+
+    def test(self) -> Dict[str, Any]:
+        return self.task.test(self.global_step, self.paths.save_dir, self.writer)
+
+    def export_mesh(self) -> List[str]:
+        return self.task.export_mesh(self.global_step, self.paths.save_dir)
+
+    # --- checkpoints ----------------------------------------------------------------------------
     def checkpoint_path(self, step: int) -> str:
         return os.path.join(self.paths.ckpt_dir, checkpoint_name(step))
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        fit_state_to_parameter_shapes(self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def save(self, path: Optional[str] = None) -> str:
         """Write the checkpoint of this step to `path` (default: ckpt/ckpt_<step>.pth) (rank 0;

@@ -2,7 +2,7 @@ r"""DTU MVS 2014 surface evaluation (accuracy / completeness / overall, in mm) o
 cloud in the DTU world frame, following the public python port of the official MATLAB script
 (jzhangbs/DTUeval-python, eval.py).
 
-    python -m utils.eval_dtu --mesh outputs/.../save/it020000-mc512.ply --scan 24 \
+    python -m scripts.eval_dtu --mesh outputs/.../save/it020000-mc512.ply --scan 24 \
         --dtu_dir ../shared/data/DTU_eval [--mode mesh|pcd] [--out_json scan24.json]
 
 dtu_dir holds the official ground truth ("Points" and "SampleSet" downloads):

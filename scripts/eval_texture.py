@@ -1,0 +1,199 @@
+"""Measure the textured mesh: masked PSNR in the held-out views of
+
+  (a) the textured mesh (export.texture: decimated to --faces, --size^2 atlas),
+  (b) the vertex-coloured mesh at the SAME face count (the decimated mesh, colour network at
+      its vertices, as today's vertex colours),
+  (b') today's full-resolution vertex-coloured mesh (it<step>-mc<res>.ply),
+  (c) the volume renders that --test writes (save/it<step>-test/<view>.png; rendered here
+      when missing),
+
+each mesh ray-cast with Intel Embree (embreex, through trimesh: triangle id + barycentrics ->
+UV -> bilinear texture lookup), rays that miss the mesh taking the evaluation background, as in
+the volume renders. Also times the textured export.
+
+    pip install embreex   # Embree ray casting; not a requirement of the framework, only this script uses it
+    python scripts/eval_texture.py --config confs/neus-dtu-wmask-cpu.yaml --resume CKPT \
+        dataset.root_dir=../shared/data/dtu_scan24 [--faces 100000 --size 2048] [--json out.json]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+import trimesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Sample image [H, W, C] (row 0 on top) at uv [N, 2] (v up), bilinear, clamped at the
+    border, as a GPU samples a texture without mip-mapping -> [N, C]."""
+    h, w = image.shape[:2]
+    x = np.clip(uv[:, 0] * w - 0.5, 0, w - 1)
+    y = np.clip((1.0 - uv[:, 1]) * h - 0.5, 0, h - 1)
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+class MeshCaster:
+    """Ray casting of one mesh (normalised frame) with Intel Embree (embreex, through
+    trimesh's RayMeshIntersector) -> the first hit's triangle and barycentrics."""
+
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray):
+        from trimesh.ray.ray_pyembree import RayMeshIntersector
+
+        self.mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
+        self.faces = faces
+        self.intersector = RayMeshIntersector(self.mesh)
+
+    def cast(self, rays_o: np.ndarray, rays_d: np.ndarray):
+        """-> hit [N] bool, face [N], barycentric weights [N, 3] of the face's corners."""
+        tri, ray, location = self.intersector.intersects_id(
+            rays_o.astype(np.float64), rays_d.astype(np.float64), multiple_hits=False, return_locations=True
+        )
+        hit = np.zeros(len(rays_o), dtype=bool)
+        face = np.zeros(len(rays_o), dtype=np.int64)
+        bary = np.zeros((len(rays_o), 3))
+        hit[ray], face[ray] = True, tri
+        bary[ray] = trimesh.triangles.points_to_barycentric(self.mesh.triangles[tri], location)
+        return hit, face, bary
+
+
+def render_vertex_coloured(caster: MeshCaster, colours: np.ndarray, rays, background):
+    hit, face, bary = caster.cast(*rays)
+    rgb = np.einsum("ni,nic->nc", bary, colours[caster.faces[face]])
+    return np.where(hit[:, None], rgb, background)
+
+
+def render_textured(caster: MeshCaster, uv: np.ndarray, uv_faces: np.ndarray, image: np.ndarray, rays, background):
+    hit, face, bary = caster.cast(*rays)
+    texel_uv = np.einsum("ni,nic->nc", bary, uv[uv_faces[face]])
+    rgb = bilinear(image, texel_uv)
+    return np.where(hit[:, None], rgb, background)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", required=True, help="checkpoint of a trained run")
+    parser.add_argument("--faces", type=int, default=100000, help="export.texture_faces")
+    parser.add_argument("--size", type=int, default=2048, help="export.texture_size")
+    parser.add_argument("--json", default=None, help="write the table here (default: beside the mesh)")
+    args, overrides = parser.parse_known_args(argv)
+
+    from run import trial_dir_of
+    from systems import RunPaths, Trainer
+    from systems.texture import export_textured, surface_colours
+    from systems.config import load_config
+    from utils.metrics import psnr
+    from utils.misc import resolve_device
+
+    config = load_config(args.config, [*overrides, "export.texture=false"])
+    config.export.texture_faces = args.faces
+    config.export.texture_size = args.size
+    device = resolve_device(config.device)
+    paths = RunPaths.for_trial(trial_dir_of(args.resume))
+    system = Trainer(config, paths, device)
+    system.load(args.resume)
+    step = system.global_step
+    cfg = config.export
+    stem = os.path.join(paths.save_dir, f"it{step:06d}-mc{cfg.mesh_resolution}")
+    scale_mat = system.dataset.views.scale_mat
+    to_normalised = np.linalg.inv(scale_mat)
+
+    def normalised(vertices_world):
+        return trimesh.transform_points(vertices_world, to_normalised)
+
+    start = time.perf_counter()
+    if not os.path.isfile(f"{stem}.ply"):
+        system.export_mesh()  # today's mesh: marching cubes, clean-up, vertex colours
+    mesh_seconds = time.perf_counter() - start
+    full = trimesh.load(f"{stem}.ply", process=False)
+    timings = {}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    export_textured(system.model, normalised(np.asarray(full.vertices)), np.asarray(full.faces), scale_mat, cfg, stem,
+                    device, timings)
+    timings["textured_total"] = time.perf_counter() - start
+    timings["textured_total_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (other load aside)
+    textured = trimesh.load(f"{stem}-textured.obj", process=False, force="mesh")
+    glb = trimesh.load(f"{stem}-textured.glb", force="mesh")
+    assert len(glb.faces) == len(textured.faces)
+    image = np.asarray(textured.visual.material.image.convert("RGB"), dtype=np.float32) / 255.0
+    uv = np.asarray(textured.visual.uv, dtype=np.float64)
+    tex_vertices = normalised(np.asarray(textured.vertices))
+    tex_faces = np.asarray(textured.faces)
+    # (b) the same decimated mesh with shared vertices and vertex colours
+    merged = trimesh.Trimesh(vertices=tex_vertices, faces=tex_faces, process=False)
+    merged.merge_vertices(merge_tex=True, merge_norm=True)
+    dec_vertices, dec_faces = np.asarray(merged.vertices), np.asarray(merged.faces)
+    dec_colours = surface_colours(system.model, dec_vertices, cfg.mesh_chunk, device).astype(np.float64)
+    full_vertices = normalised(np.asarray(full.vertices))
+    full_colours = np.asarray(full.visual.vertex_colors)[:, :3].astype(np.float64) / 255.0
+
+    casters = {
+        "textured": MeshCaster(tex_vertices, tex_faces),
+        "vertex_same_faces": MeshCaster(dec_vertices, dec_faces),
+        "vertex_full": MeshCaster(full_vertices, np.asarray(full.faces)),
+    }
+    dataset = system.dataset
+    views = dataset.split["test"] or dataset.split["train"][::8]
+    test_dir = os.path.join(paths.save_dir, f"it{step:06d}-test")
+    h, w = dataset.height, dataset.width
+    per_view = {}
+    for view in views:
+        rays = dataset.view_rays(view)
+        ray_np = (rays["rays_o"].cpu().numpy(), rays["rays_d"].cpu().numpy())
+        background = rays["background"].cpu().numpy()
+        gt = rays["rgb"].view(h, w, 3)
+        mask = rays["mask"].view(h, w)
+        renders = {
+            "textured": render_textured(casters["textured"], uv, tex_faces, image, ray_np, background),
+            "vertex_same_faces": render_vertex_coloured(casters["vertex_same_faces"], dec_colours, ray_np, background),
+            "vertex_full": render_vertex_coloured(casters["vertex_full"], full_colours, ray_np, background),
+        }
+        volume_png = os.path.join(test_dir, f"{view:06d}.png")
+        if os.path.isfile(volume_png):
+            volume = imageio.imread(volume_png)[..., :3].astype(np.float32) / 255.0
+        else:
+            volume = system.task.evaluation.render_view(view)["rgb"].cpu().numpy()
+        renders["volume"] = volume.reshape(-1, 3)
+        per_view[f"{view:06d}"] = {
+            k: psnr(torch.from_numpy(v.reshape(h, w, 3)).float(), gt.cpu().float(), mask.cpu())
+            for k, v in renders.items()
+        }
+        out_dir = os.path.join(paths.save_dir, f"it{step:06d}-texture-eval")
+        os.makedirs(out_dir, exist_ok=True)
+        panel = np.concatenate([renders[k].reshape(h, w, 3) for k in ("textured", "vertex_same_faces", "volume")]
+                               + [gt.cpu().numpy()], axis=1)
+        imageio.imwrite(os.path.join(out_dir, f"{view:06d}.png"), (np.clip(panel, 0, 1) * 255 + 0.5).astype(np.uint8))
+    mean = {k: float(np.mean([v[k] for v in per_view.values()])) for k in next(iter(per_view.values()))}
+    result = {
+        "checkpoint": os.path.abspath(args.resume),
+        "step": step,
+        "views": per_view,
+        "mean_psnr_masked": mean,
+        "faces": {"textured": int(len(tex_faces)), "vertex_same_faces": int(len(dec_faces)),
+                  "vertex_full": int(len(full.faces))},
+        "texture_size": args.size,
+        "seconds": {"mesh_export": mesh_seconds, **timings},
+        "panels": "textured | vertex-coloured (same faces) | volume | photo",
+    }
+    out = args.json or f"{stem}-texture-eval.json"
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: result[k] for k in ("mean_psnr_masked", "faces", "seconds")}, indent=1))
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

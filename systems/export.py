@@ -1,0 +1,181 @@
+"""Mesh export of a trained model over its dataset: marching cubes on the SDF (coarse, then
+fine), clean-up (largest component, mask culling), vertex colours, the mesh written in the
+dataset's world frame, and its metrics against a ground-truth mesh. Every rank calls
+`export` (each evaluates a block of the SDF grid's planes, through the Shards helper it is
+given); rank 0 runs marching cubes, the clean-up and writes the files.
+
+A hook that writes more from the same surface (a textured mesh) takes the `Mesh` that
+`extract` returns: vertices and faces in the normalised and the world frame.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import trimesh
+
+from utils.distributed import Shards
+from utils.config import MeshFormat
+from utils.mesh import (
+    extract_surface,
+    faces_inside_masks,
+    grid_shape,
+    largest_component,
+    remove_unused_vertices,
+    save_mesh,
+    sdf_on_grid,
+    to_world,
+)
+from utils.isolate import find_support_plane, split_at_plane
+from utils.metrics import mesh_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportConfig:
+    mesh_resolution: int = 512  # marching cubes grid (fine pass) over the object region
+    mesh_threshold: float = 0.0  # iso-level of the SDF
+    mesh_chunk: int = 65536  # points per SDF evaluation
+    formats: List[MeshFormat] = field(default_factory=lambda: ["ply"])
+    largest_component: bool = True  # keep only the largest connected piece
+    cull_with_masks: bool = False  # drop faces that project outside the (dilated) masks
+    fscore_threshold: float = 0.01  # F-score distance, in units of the normalised (unit-sphere) radius
+    # the object without its support (utils/isolate.py): find the plane it stands on (all cameras
+    # above it, reaching the region's edge) and cut the surface `isolate_margin` above it (normalised
+    # units); what is cut goes to it<step>-mc<res>-removed.ply. On in the unmasked configs.
+    isolate: bool = False
+    isolate_margin: float = 0.02
+    isolate_tolerance: float = 0.01  # RANSAC inlier distance of the plane
+    # a textured mesh beside the coloured one (systems/texture.py): it<step>-mc<res>-textured.obj
+    # (+ .mtl, .png) and .glb, the mesh decimated to texture_faces, a texture_size^2 atlas
+    texture: bool = False
+    texture_faces: int = 100000
+    texture_size: int = 2048
+
+
+@dataclass
+class Mesh:
+    vertices: np.ndarray  # [V, 3] normalised frame
+    vertices_world: np.ndarray  # [V, 3] the dataset's world frame
+    faces: np.ndarray  # [F, 3]
+    removed: Optional[Tuple[np.ndarray, np.ndarray]] = None  # export.isolate's cut: world vertices, faces
+
+
+def mesh_stem(save_dir: str, step: int, resolution: int) -> str:
+    """save/it<step>-mc<res>: the meshes' path without the format's suffix."""
+    return os.path.join(save_dir, f"it{step:06d}-mc{resolution}")
+
+
+class MeshExport:
+    """The surface of `model` (its mesh_sdf and surface_colors) over `dataset` (its frame,
+    cameras and masks)."""
+
+    def __init__(self, model: torch.nn.Module, dataset, config: ExportConfig, device: torch.device,
+                 shards: Shards = Shards()):
+        self.model = model
+        self.shards = shards
+        self.dataset = dataset
+        self.config = config
+        self.device = device
+
+    def export(self, step: int, save_dir: str) -> List[str]:
+        """Marching cubes on the SDF -> coloured mesh in the dataset's world frame, written to
+        save/it<step>-mc<res>.<fmt> -> the paths (rank 0; [] elsewhere). Every rank must call it."""
+        cfg = self.config
+        mesh = self.extract()
+        if mesh is None:
+            return []
+        points = torch.from_numpy(mesh.vertices.astype(np.float32)).to(self.device)
+        colors = self.model.surface_colors(points, cfg.mesh_chunk).cpu().numpy()
+        stem = mesh_stem(save_dir, step, cfg.mesh_resolution)
+        paths = save_mesh(stem, mesh.vertices_world, mesh.faces, colors, list(cfg.formats))
+        if cfg.texture:
+            from systems.texture import export_textured
+
+            paths += export_textured(self.model, mesh.vertices, mesh.faces, self.dataset.views.scale_mat, cfg, stem,
+                                     self.device)
+        log.info("mesh: %d vertices, %d faces -> %s", len(mesh.vertices_world), len(mesh.faces), ", ".join(paths))
+        if mesh.removed is not None and len(mesh.removed[1]):
+            removed_path = save_mesh(f"{stem}-removed", *mesh.removed, None, ["ply"])[0]
+            log.info("isolate: the cut-off support and pieces (%d faces) -> %s", len(mesh.removed[1]), removed_path)
+        return paths
+
+    def extract(self) -> Optional[Mesh]:
+        """The cleaned surface (rank 0; None elsewhere): largest component, unused vertices
+        dropped, faces outside the masks culled when asked."""
+        cfg = self.config
+        surface = self.surface()
+        if surface is None:
+            return None
+        vertices, faces = surface
+        removed = None
+        if cfg.isolate:
+            faces, cut = self.isolate(vertices, faces)
+            if cut is not None:
+                removed = remove_unused_vertices(to_world(vertices, self.dataset.views.scale_mat), cut)
+        if cfg.largest_component:
+            faces = largest_component(faces)
+        vertices, faces = remove_unused_vertices(vertices, faces)
+        vertices_world = to_world(vertices, self.dataset.views.scale_mat)
+        if cfg.cull_with_masks and self.dataset.has_masks:
+            views = self.dataset.views
+            faces = faces_inside_masks(vertices_world, faces, views.world_mats, views.masks)
+            vertices, faces, vertices_world = remove_unused_vertices(vertices, faces, vertices_world)
+        return Mesh(vertices, vertices_world, faces, removed)
+
+    def isolate(self, vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """export.isolate: the faces of the object above its supporting plane and the faces cut
+        off (None when no support plane is found: the surface is kept whole)."""
+        cfg = self.config
+        plane = find_support_plane(vertices, faces, self.dataset.views.c2w, self.model.config.radius,
+                                   cfg.isolate_tolerance)
+        if plane is None:
+            log.info("isolate: no supporting plane under the object (cameras on one side, reaching the region's "
+                     "edge); the mesh is kept whole")
+            return faces, None
+        kept, removed = split_at_plane(vertices, faces, plane, cfg.isolate_margin)
+        log.info("isolate: support plane n=(%.3f, %.3f, %.3f) d=%.3f carries %.0f%% of the surface; kept %d of %d "
+                 "faces", *plane.normal, plane.offset, 100 * plane.area_share, len(kept), len(faces))
+        return kept, removed
+
+    def surface(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """utils.mesh.extract_surface's coarse-then-fine marching cubes, each SDF grid's x-planes
+        shared out over the ranks and marching cubes on rank 0 -> vertices [V, 3], faces [F, 3]
+        in the normalised frame (rank 0; None elsewhere)."""
+        cfg = self.config
+        self.model.eval()
+        # rank 0 alone holds the coarse grid: the others take its fine box, so all evaluate one grid
+        return extract_surface(self.sdf_grid, self.model.config.radius, cfg.mesh_resolution, cfg.mesh_threshold,
+                               agree=self.shards.agree)
+
+    def sdf_grid(self, bounds: np.ndarray, resolution: int) -> Tuple[Optional[np.ndarray], np.ndarray]:
+        """utils.mesh.sdf_on_grid with the x-planes shared out in N blocks (map_in_turns: rank r
+        evaluates block r) -> the whole grid [nx, ny, nz] on rank 0 (None elsewhere), and the
+        voxel size."""
+        n_planes = grid_shape(bounds, resolution)[0][0]
+        blocks = self.shards.blocks(n_planes)
+
+        def planes(block: slice) -> Tuple[np.ndarray, np.ndarray]:  # [planes in block, ny, nz], voxel
+            return sdf_on_grid(self.model.mesh_sdf, bounds, resolution, self.config.mesh_chunk, self.device, block)
+
+        parts = [part for _, part in self.shards.map(planes, blocks)]
+        voxel = np.full(3, grid_shape(bounds, resolution)[1])
+        return (np.concatenate([values for values, _ in parts]) if self.shards.writes else None), voxel
+
+    def metrics(self, mesh_path: str, gt_path: str) -> Dict[str, float]:
+        """Chamfer / F-score against the ground-truth mesh at gt_path, if there is one (world units)."""
+        if not os.path.isfile(gt_path):
+            return {}
+        pred, gt = trimesh.load(mesh_path, process=False), trimesh.load(gt_path, process=False)
+        world_radius = float(np.abs(np.linalg.det(self.dataset.views.scale_mat[:3, :3])) ** (1 / 3))
+        result = mesh_metrics(
+            np.asarray(pred.vertices), np.asarray(pred.faces), np.asarray(gt.vertices), np.asarray(gt.faces),
+            threshold=self.config.fscore_threshold * world_radius,
+        )
+        result["gt_mesh"] = gt_path
+        result["unit_sphere_radius_world"] = world_radius
+        log.info("mesh vs %s: %s", gt_path, result)
+        return result
