@@ -16,14 +16,17 @@ from typing import Optional
 
 SECONDS_PER_SAMPLE = 0.254 / 16384  # one training sample (forward + backward), 12 levels, 2 threads
 REFERENCE_THREADS = 2
+REFERENCE_LEVELS = 12  # the hash-grid levels SECONDS_PER_SAMPLE was measured with
 WARN_ABOVE_SECONDS = 2 * 3600.0  # longer than this on a CPU: say so up front
 
 
 def estimated_cpu_seconds(config, threads: int) -> float:
     """Estimated wall-clock seconds of `config`'s training on `threads` CPU threads."""
     trainer = config.trainer
-    levels = int(config.model.geometry.xyz_encoding.get("n_levels", 12) or 12)
-    per_step = trainer.num_samples_per_step * SECONDS_PER_SAMPLE * (levels / 12.0)
+    encoding = config.model.geometry.xyz_encoding
+    # a hash grid costs in proportion to its levels; other encodings about as the reference
+    levels = encoding.n_levels if "n_levels" in encoding else REFERENCE_LEVELS
+    per_step = trainer.num_samples_per_step * SECONDS_PER_SAMPLE * (levels / REFERENCE_LEVELS)
     return trainer.max_steps * per_step * REFERENCE_THREADS / max(threads, 1)
 
 
