@@ -4,6 +4,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from models.background import BackgroundField, ray_sphere_intersect
 from models.network import ColorNetwork, SDFNetwork, VarianceNetwork, normalize
@@ -126,32 +127,37 @@ class NeuSModel(Configurable, nn.Module):
             return neus_alpha(sdf, torch.full_like(sdf, -1.0), t_ends - t_starts, inv_s.detach())
 
         t_max = None if self.background is None else ray_sphere_intersect(rays_o, rays_d, self.config.radius)[1]
-        ray_indices, t_starts, t_ends = self.occupancy.sample(
-            rays_o, rays_d, self.config.render_step_size, stratified=self.training, alpha_fn=visibility_alpha,
-            t_max=t_max,
-        )
+        with record_function("march"):  # named scopes: scripts/benchmark.py --profile reports them
+            ray_indices, t_starts, t_ends = self.occupancy.sample(
+                rays_o, rays_d, self.config.render_step_size, stratified=self.training, alpha_fn=visibility_alpha,
+                t_max=t_max,
+            )
         t_mid = 0.5 * (t_starts + t_ends)  # [n_samples]
         dirs = rays_d[ray_indices]  # [n_samples, 3]
         x = rays_o[ray_indices] + t_mid[:, None] * dirs  # [n_samples, 3]
-        sdf, feature, grad = self.geometry.forward_with_grad(x, create_graph=self.training)
-        normal = normalize(grad)  # [n_samples, 3]
-        rgb = self.texture(feature, dirs, normal)  # [n_samples, 3]
-        # the networks' outputs are float32 (also under autocast): alpha and compositing stay exact
-        alpha = neus_alpha(sdf, (dirs * grad).sum(-1), t_ends - t_starts, inv_s, self.cos_anneal_ratio)
-        weights, opacity, comp_rgb = self.composite(alpha, ray_indices, n_rays, rgb)
-        accumulate = self.packed.accumulate
-        out = {
-            "rgb_foreground": comp_rgb,
-            "opacity": opacity[:, 0],
-            "depth": accumulate(weights, ray_indices, n_rays, t_mid[:, None])[:, 0],
-            "normal": accumulate(weights, ray_indices, n_rays, normal),
-            "sdf": sdf,
-            "sdf_grad": grad,
-            "n_samples": int(ray_indices.numel()),
-            "inv_s": inv_s,
-        }
+        with record_function("sdf and its gradient"):
+            sdf, feature, grad = self.geometry.forward_with_grad(x, create_graph=self.training)
+        with record_function("colour network"):
+            normal = normalize(grad)  # [n_samples, 3]
+            rgb = self.texture(feature, dirs, normal)  # [n_samples, 3]
+        with record_function("compositing"):
+            # the networks' outputs are float32 (also under autocast): alpha and compositing stay exact
+            alpha = neus_alpha(sdf, (dirs * grad).sum(-1), t_ends - t_starts, inv_s, self.cos_anneal_ratio)
+            weights, opacity, comp_rgb = self.composite(alpha, ray_indices, n_rays, rgb)
+            accumulate = self.packed.accumulate
+            out = {
+                "rgb_foreground": comp_rgb,
+                "opacity": opacity[:, 0],
+                "depth": accumulate(weights, ray_indices, n_rays, t_mid[:, None])[:, 0],
+                "normal": accumulate(weights, ray_indices, n_rays, normal),
+                "sdf": sdf,
+                "sdf_grad": grad,
+                "n_samples": int(ray_indices.numel()),
+                "inv_s": inv_s,
+            }
         if self.background is not None:
-            out["background"] = self.render_background(rays_o, rays_d, background)
+            with record_function("background"):
+                out["background"] = self.render_background(rays_o, rays_d, background)
             background = out["background"]["rgb"]
         out["rgb"] = composite_background(comp_rgb, opacity, background)
         return out

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from process_data.base import DatasetConfig, RayDataset, Views, resolve_gt_mesh
 from process_data.loading import (
     MIN_VIEWS, DatasetError, alpha_masks, binary_mask, check_enough_views, check_same_size, decompose_projection,
-    downscaled_size, list_images, match_masks, read_mask, read_photo, resize, size_of,
+    downscaled_size, list_images, map_files, match_masks, read_mask, read_photo, resize, size_of,
 )
 from process_data.registry import DATASETS
 from utils.camera import downscale_matrix
@@ -55,16 +55,19 @@ def load_neus_scene(
             if key not in cameras:
                 raise DatasetError(f"{cameras_path} has no {key} for image {image_paths[i]}")
 
-    images, alphas = [], []
-    full_size = size = None
-    for path in tqdm(image_paths, desc=f"loading {os.path.basename(root_dir)}", leave=False, disable=not is_main()):
+    full_size = size_of(read_photo(image_paths[0])[0])
+    size = downscaled_size(*full_size, img_downscale)
+
+    def read_resized(path):  # on loader threads (map_files)
         rgb, alpha = read_photo(path)
-        if full_size is None:
-            full_size = size_of(rgb)
-            size = downscaled_size(*full_size, img_downscale)
         check_same_size(path, rgb, image_paths[0], full_size)
-        images.append(resize(rgb, size))
-        alphas.append(None if alpha is None else resize(alpha, size))
+        return resize(rgb, size), None if alpha is None else resize(alpha, size)
+
+    images, alphas = [], []
+    for rgb, alpha in tqdm(map_files(read_resized, image_paths), total=n_views, desc=f"loading {os.path.basename(root_dir)}",
+                           leave=False, disable=not is_main()):
+        images.append(rgb)
+        alphas.append(alpha)
     full_w, full_h = full_size
     width, height = size
 
@@ -85,12 +88,13 @@ def load_neus_scene(
     masks, mask_source = None, None
     mask_dir = os.path.join(root_dir, "mask")
     if use_masks and os.path.isdir(mask_dir):
-        masks = []
-        for image_path, mask_path in zip(image_paths, match_masks(image_paths, mask_dir, image_dir)):
-            mask = read_mask(mask_path)
-            check_same_size(mask_path, mask, image_path, full_size, "mask")
-            masks.append(binary_mask(resize(mask, size)))
-        masks, mask_source = np.stack(masks), mask_dir
+        def read_resized_mask(paths):  # (image, mask) on loader threads
+            mask = read_mask(paths[1])
+            check_same_size(paths[1], mask, paths[0], full_size, "mask")
+            return binary_mask(resize(mask, size))
+
+        pairs = list(zip(image_paths, match_masks(image_paths, mask_dir, image_dir)))
+        masks, mask_source = np.stack(list(map_files(read_resized_mask, pairs))), mask_dir
         if any(a is not None for a in alphas):
             log.info("%s holds the masks; the images' alpha channels are not used", mask_dir)
     elif use_masks:

@@ -22,6 +22,47 @@ from systems.config import load_config  # noqa: E402
 from utils.misc import resolve_device, seed_everything  # noqa: E402
 
 
+# the named scopes of one step (record_function in systems/trainer.py and models/neus.py)
+STEP_SCOPES = ["occupancy update", "ray batch", "forward and losses", "backward", "optimizer"]
+FORWARD_SCOPES = ["march", "sdf and its gradient", "colour network", "compositing", "background"]
+# backward nodes by what they differentiate (autograd::engine::evaluate_function: <node>)
+BACKWARD_GROUPS = {
+    "hash grid (table scatter, jvp and its adjoint)": ("_InterpolateTable", "_SpatialGradient",
+                                                       "_TableJacobianVectorProduct", "CompiledFunction"),
+    "MLPs (linear, softplus, relu, weight norm)": ("Addmm", "Mm", "Softplus", "Relu", "Threshold", "Norm",
+                                                   "WeightNorm", "Sigmoid", "T", "Cat"),
+}
+
+
+def profile_table(events, n_steps: int, elapsed: float) -> str:
+    """Where one step's time goes: the named scopes (inclusive CPU time per step, share of the
+    step's wall time) and the backward's nodes grouped by what they differentiate."""
+    total = {e.key: e.cpu_time_total / 1e6 / n_steps for e in events}  # seconds per step
+    step = elapsed / n_steps
+    lines = [f"per step: {step:.4f} s wall ({n_steps} steps profiled; the profiler adds its own overhead)",
+             f"{'scope':<52}{'s/step':>9}{'share':>8}"]
+    for name in STEP_SCOPES:
+        lines.append(f"{name:<52}{total.get(name, 0.0):>9.4f}{total.get(name, 0.0) / step:>8.1%}")
+        if name == "forward and losses":
+            for sub in FORWARD_SCOPES:
+                lines.append(f"  {sub:<50}{total.get(sub, 0.0):>9.4f}{total.get(sub, 0.0) / step:>8.1%}")
+        if name == "backward":
+            nodes = {k.split(": ", 1)[1]: v for k, v in total.items()
+                     if k.startswith("autograd::engine::evaluate_function: ")}
+            grouped = {group: 0.0 for group in BACKWARD_GROUPS}
+            other = 0.0
+            for node, seconds in nodes.items():
+                group = next((g for g, prefixes in BACKWARD_GROUPS.items()
+                              if any(node.startswith(p) for p in prefixes)), None)
+                if group is None:
+                    other += seconds
+                else:
+                    grouped[group] += seconds
+            for group, seconds in [*grouped.items(), ("other backward nodes", other)]:
+                lines.append(f"  {group:<50}{seconds:>9.4f}{seconds / step:>8.1%}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -55,10 +96,14 @@ def main(argv=None) -> int:
         if args.profile:
             from torch.profiler import profile
 
+            n_profiled = 16  # two occupancy updates at update_every 8
             with profile() as prof:
-                for _ in range(10):
+                start = time.perf_counter()
+                for _ in range(n_profiled):
                     system.step()
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+                elapsed = time.perf_counter() - start
+            print(profile_table(prof.key_averages(), n_profiled, elapsed))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     return 0
 
 

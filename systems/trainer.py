@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -251,8 +252,11 @@ class Trainer:
         """One training step at global_step, which it advances; a non-finite step is skipped,
         counted, and rolls training back once max_bad_steps come in a row."""
         start = time.perf_counter()
-        self.prepare_step(self.global_step)
-        result = self.optimise(self.task.sample_batch(self.rays_per_rank()))
+        with record_function("occupancy update"):  # scripts/benchmark.py --profile reports these scopes
+            self.prepare_step(self.global_step)
+        with record_function("ray batch"):
+            batch = self.task.sample_batch(self.rays_per_rank())
+        result = self.optimise(batch)
         self.global_step += 1
         result.stats["seconds_per_step"] = time.perf_counter() - start
         if result.skipped:
@@ -279,7 +283,8 @@ class Trainer:
         """One optimisation step on this rank's rays; with several ranks the gradients are
         those of the loss over all ranks' rays (mean over rays, and over samples for the
         per-sample terms), and every rank skips a step that is non-finite on any rank."""
-        losses, telemetry = self.task.loss(self.train_model, batch, self.autocast())
+        with record_function("forward and losses"):
+            losses, telemetry = self.task.loss(self.train_model, batch, self.autocast())
         self.optimizer.zero_grad(set_to_none=True)
         non_finite = [k for k, v in losses.items() if k != "total" and not torch.isfinite(v)]
         n_rays, n_samples, n_bg_samples = telemetry.n_rays, telemetry.n_samples, telemetry.n_bg_samples
@@ -295,12 +300,14 @@ class Trainer:
                                                        / max(n_samples, 1))
         backward = not non_finite and losses["total"].requires_grad  # the same on every rank
         if backward:
-            self.scaler.scale(losses["total"]).backward(inputs=self.params)
+            with record_function("backward"):
+                self.scaler.scale(losses["total"]).backward(inputs=self.params)
             self.scaler.unscale_(self.optimizer)  # true gradients (fp16-mixed), checked like fp32 ones
             if not gradients_are_finite(self.params):  # averaged over ranks: the same everywhere
                 non_finite.append("gradient")
         if not non_finite:
-            self.scaler.step(self.optimizer)
+            with record_function("optimizer"):
+                self.scaler.step(self.optimizer)
             if self.trainer_config.dynamic_ray_sampling:
                 self.train_num_rays = next_ray_count(n_rays, n_samples, self.trainer_config, n_bg_samples)
         scaler_backoff = False
@@ -348,8 +355,13 @@ class Trainer:
                    disable=not dist.is_main())
         window: List[Dict[str, float]] = []
         marks = WallClockMarks(cfg.checkpoint_at_seconds, self.paths.trial_dir)
+        first_step = self.global_step
         while self.global_step < cfg.max_steps:
             result = self.step()
+            if self.global_step == first_step + 1:
+                log.info("first step done %.1f s after the command started (the step itself: %.1f s, "
+                         "most of it compiling the hash grid's kernels when compile is on)",
+                         process_age(), result.stats.get("seconds_per_step", float("nan")))
             bar.update(1)
             for callback in self.step_callbacks:
                 callback(self.global_step)
