@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
-import trimesh
 from tqdm import tqdm
 
 from process_data.base import DatasetConfig, RayDataset, Views, resolve_gt_mesh
@@ -163,6 +162,8 @@ def region_of_interest(root_dir: str, model: SparseModel, margin: float) -> Tupl
     interest = os.path.join(root_dir, INTEREST_POINTS)
     if os.path.isfile(interest):
         try:
+            import trimesh  # lazily: ~1 s of imports (networkx, scipy) a training start need not pay
+
             vertices = np.asarray(trimesh.load(interest, process=False).vertices, dtype=np.float64)
         except Exception as e:
             raise DatasetError(f"cannot read {interest}: {e}") from None

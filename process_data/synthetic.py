@@ -58,7 +58,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-import trimesh
 from tqdm import tqdm
 
 from process_data.synthetic_object import LIGHT_DIR, Albedo, float_tensor, scene_sdf, shade
@@ -293,6 +292,8 @@ def _render_scene(out_dir: str, params: Dict) -> None:
 
     vertices, faces = ground_truth_mesh()
     radius = float(np.linalg.norm(vertices, axis=1).max())
+    import trimesh  # lazily: ~1 s of imports a training start need not pay
+
     trimesh.Trimesh(vertices=to_world(vertices, scale_mat), faces=faces, process=False).export(
         os.path.join(out_dir, "gt_mesh.ply")
     )

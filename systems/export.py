@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import trimesh
 
 from utils.distributed import Shards
 from utils.config import MeshFormat
@@ -169,6 +168,8 @@ class MeshExport:
         """Chamfer / F-score against the ground-truth mesh at gt_path, if there is one (world units)."""
         if not os.path.isfile(gt_path):
             return {}
+        import trimesh  # lazily: ~1 s of imports a training start need not pay
+
         pred, gt = trimesh.load(mesh_path, process=False), trimesh.load(gt_path, process=False)
         world_radius = float(np.abs(np.linalg.det(self.dataset.views.scale_mat[:3, :3])) ** (1 / 3))
         result = mesh_metrics(

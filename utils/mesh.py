@@ -4,10 +4,8 @@ import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import cv2
-import mcubes
 import numpy as np
 import torch
-import trimesh
 
 from utils.camera import downscale_matrix, project
 from utils.misc import map_in_chunks
@@ -51,6 +49,8 @@ def sdf_on_grid(
 def marching_cubes(values: np.ndarray, origin: np.ndarray, voxel: np.ndarray, level: float):
     """Iso-surface {sdf = level} of grid values (negative inside) -> vertices [V, 3] in the
     grid's frame, faces [F, 3] wound so that normals point outwards (towards sdf > level)."""
+    import mcubes  # lazily: it imports scipy (~0.5 s) that a training start need not pay
+
     vertices, faces = mcubes.marching_cubes(-values, -level)
     return vertices * voxel + origin, faces.astype(np.int64)
 
@@ -108,6 +108,8 @@ def extract_surface(
 
 def component_labels(faces: np.ndarray) -> np.ndarray:
     """The connected piece (faces sharing an edge) of each face: [F] -> labels [F] in 0..n-1"""
+    import trimesh  # lazily: ~1 s of imports a training start need not pay
+
     adjacency = trimesh.graph.face_adjacency(faces)
     return trimesh.graph.connected_component_labels(adjacency, node_count=len(faces))
 
@@ -160,6 +162,8 @@ def save_mesh(
     path_stem: str, vertices: np.ndarray, faces: np.ndarray, colors: Optional[np.ndarray], formats: List[str]
 ) -> List[str]:
     """Write `path_stem.<fmt>` for each format (ply, obj, stl); colours [V, 3] in [0, 1]."""
+    import trimesh
+
     mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
     if colors is not None:
         mesh.visual.vertex_colors = np.concatenate(
