@@ -36,6 +36,8 @@ def test_train_ends_with_metrics_video_and_mesh(demo_run):
         assert np.isfinite(metrics["mean"][key])
     # the scene has a ground-truth mesh: Chamfer / F-score are reported in world units
     assert metrics["mesh"]["chamfer"] > 0 and 0 <= metrics["mesh"]["fscore"] <= 1
+    settings = dict(o.split("=", 1) for o in demo_run.overrides)
+    assert metrics["mesh"]["n_points"] == int(settings["export.metrics_points"])  # samples per mesh
     video = imageio.mimread(os.path.join(save, "it000006-test.mp4"), memtest=False)
     height, width = imageio.imread(os.path.join(test_dir, "000000.png")).shape[:2]
     assert len(video) == n_frames and video[0].shape[1] == 2 * video[0].shape[0] * width // height  # RGB | normals
