@@ -42,6 +42,7 @@ class ExportConfig:
     largest_component: bool = True  # keep only the largest connected piece
     cull_with_masks: bool = False  # drop faces that project outside the (dilated) masks
     fscore_threshold: float = 0.01  # F-score distance, in units of the normalised (unit-sphere) radius
+    metrics_points: int = 200000  # surface samples on each mesh for Chamfer / F-score (fewer in the tests)
     # the object without its support (utils/isolate.py): find the plane it stands on (all cameras
     # above it, reaching the region's edge) and cut the surface `isolate_margin` above it (normalised
     # units); what is cut goes to it<step>-mc<res>-removed.ply. On in the unmasked configs.
@@ -174,7 +175,7 @@ class MeshExport:
         world_radius = float(np.abs(np.linalg.det(self.dataset.views.scale_mat[:3, :3])) ** (1 / 3))
         result = mesh_metrics(
             np.asarray(pred.vertices), np.asarray(pred.faces), np.asarray(gt.vertices), np.asarray(gt.faces),
-            threshold=self.config.fscore_threshold * world_radius,
+            n_points=self.config.metrics_points, threshold=self.config.fscore_threshold * world_radius,
         )
         result["gt_mesh"] = gt_path
         result["unit_sphere_radius_world"] = world_radius

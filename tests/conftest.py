@@ -1,6 +1,13 @@
+import glob
 import os
+import queue
 import shutil
+import signal
+import subprocess
 import sys
+import threading
+import time
+from typing import List
 
 import pytest
 import torch
@@ -13,6 +20,44 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "multiprocess: starts several processes (torch.distributed on gloo); deselect with -m 'not multiprocess'"
     )
+
+
+# --- the suite's one tiny training config ------------------------------------------------------
+TINY = {  # a small model, compile off (compiling takes longer than these runs), nothing on a cadence
+    "device": "cpu",
+    "model.geometry.xyz_encoding.n_levels": "6",
+    "model.geometry.xyz_encoding.log2_hashmap_size": "12",
+    "model.geometry.xyz_encoding.compile": "false",
+    "model.sampler.resolution": "32",
+    "trainer.train_num_rays": "128",
+    "trainer.val_every": "0",
+    "trainer.ckpt_every": "0",
+    "trainer.n_test_traj_steps": "2",
+    "export.mesh_resolution": "32",
+    # Chamfer / F-score of a barely trained mesh on 200000 points each took minutes (its
+    # samples are nearly equidistant from the truth's: the k-d tree searches almost all)
+    "export.metrics_points": "5000",
+}
+TINY_DEMO = {  # the demo scene made small, and a 6-step run
+    "dataset.n_views": "8",
+    "dataset.width": "80",
+    "dataset.height": "60",
+    "dataset.holdout_every": "4",  # views 0 and 4 held out
+    "trainer.max_steps": "6",
+    "trainer.log_every": "3",
+}
+
+
+def tiny_overrides(*overrides: str, demo: bool = False) -> List[str]:
+    """The suite's tiny training config as key=value overrides: TINY (any config), plus
+    TINY_DEMO with demo=True (confs/neus-demo.yaml: its scene and run length), then
+    `overrides`, each replacing the key it names or adding it. A key every tiny training
+    needs goes into TINY here, once."""
+    keys = {**TINY, **(TINY_DEMO if demo else {})}
+    for override in overrides:
+        key, value = override.split("=", 1)
+        keys[key] = value
+    return [f"{key}={value}" for key, value in keys.items()]
 
 
 DTU_SCAN24 = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "dtu_scan24"))
@@ -77,3 +122,108 @@ def cached_scene(dtu_root, dtu_views_x8, monkeypatch):
 
     monkeypatch.setattr(process_data.dtu, "load_neus_scene", cached)
     return dtu_root
+
+
+# --- run.py as a user runs it ----------------------------------------------------------------
+DEMO_CONFIG = "confs/neus-demo.yaml"
+
+
+def run_py(*args: str, config: str = DEMO_CONFIG) -> subprocess.CompletedProcess:
+    """python run.py --config CONFIG ARGS... to its end, on one intra-op thread."""
+    return subprocess.run([sys.executable, "run.py", "--config", config, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _read_lines(stream, lines: "queue.Queue[str]"):
+    for line in iter(stream.readline, ""):
+        lines.put(line)
+
+
+def start_run_py(args, config: str = DEMO_CONFIG):
+    """run.py with args in the background -> the process and a queue of its output lines."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "run.py", "--config", config, *args], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    return process, lines
+
+
+def wait_for_line(process, lines, log, prefix: str, timeout: float = 300) -> str:
+    """Collect the output into log until a line starts with prefix (or logs it) -> that line."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            assert process.poll() is None, "".join(log)[-3000:]
+            continue
+        log.append(line)
+        if line.startswith(prefix) or f"INFO {prefix}" in line:
+            return line
+    raise AssertionError(f"no line starting with {prefix!r}:\n" + "".join(log)[-3000:])
+
+
+def stop_run_py(process, lines, log) -> str:
+    """Ctrl-C, then the whole output."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    time.sleep(0.2)
+    while not lines.empty():
+        log.append(lines.get())
+    return "".join(log)
+
+
+# --- one tiny trained run of the demo scene, shared by the modules that look at a finished run --
+class DemoRun:
+    """What demo_run trained: the scene, the trial folder, run.py's whole output, and the
+    overrides it ran with (pass them again to --test / --mesh / --view on its checkpoint)."""
+
+    def __init__(self, scene: str, trial: str, output: str, overrides: List[str]):
+        self.scene, self.trial, self.output, self.overrides = scene, trial, output, overrides
+        self.steps = int(dict(o.split("=", 1) for o in overrides)["trainer.max_steps"])
+
+    def copy(self, destination: str) -> str:
+        """A private copy of the run's outputs folder, to change -> the trial folder in it."""
+        runs = os.path.dirname(os.path.dirname(self.trial))
+        shutil.copytree(runs, destination)
+        return os.path.join(destination, os.path.relpath(self.trial, runs))
+
+
+@pytest.fixture(scope="session")
+def demo_scene(tmp_path_factory) -> str:
+    """The demo scene at tiny_overrides(demo=True)'s size (with its ground-truth mesh); read-only."""
+    from process_data.synthetic import make_demo_scene
+
+    keys = dict(o.split("=", 1) for o in tiny_overrides(demo=True))
+    scene = str(tmp_path_factory.mktemp("demo") / "scene")
+    return make_demo_scene(scene, n_views=int(keys["dataset.n_views"]), width=int(keys["dataset.width"]),
+                           height=int(keys["dataset.height"]))
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_scene, tmp_path_factory) -> DemoRun:
+    """ONE tiny `run.py --train` of the demo scene for every module that looks at a finished
+    run (test_outputs, test_viewer): validation every 3 steps, the test stage at the end (held-out
+    metrics, orbit video, mesh as .ply and .obj, textured export), and the live viewer on
+    (refreshed every 3 steps), which keeps serving after training until Ctrl-C. Read-only:
+    DemoRun.copy() gives a copy to change."""
+    overrides = tiny_overrides(
+        f"dataset.root_dir={demo_scene}", "trainer.val_every=3", "export.formats=[ply,obj]",
+        "export.texture=true", "export.texture_size=256", "export.texture_faces=1000", demo=True,
+    )
+    runs = tmp_path_factory.mktemp("demo_run") / "runs"
+    process, lines = start_run_py(["--train", "--outputs_dir", str(runs), *overrides, "viewer.enabled=true",
+                                   "viewer.port=0", "viewer.refresh_every=3", "viewer.mesh_resolution=32"])
+    log = []
+    try:
+        wait_for_line(process, lines, log, "viewer: serving", timeout=1500)
+    finally:
+        output = stop_run_py(process, lines, log)
+    assert process.returncode == 0, output[-3000:]
+    (trial,) = glob.glob(str(runs / "neus-demo-scene" / "*"))
+    return DemoRun(demo_scene, trial, output, overrides)

@@ -19,32 +19,28 @@ import systems
 import systems.neus
 from process_data.synthetic import make_demo_scene
 from systems.trainer import TrainingDiverged
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_overrides
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from systems.config import load_config
 from utils.misc import map_in_chunks, seed_everything
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU_CONFIG = os.path.join(ROOT, "confs", "neus-dtu-wmask-cpu.yaml")
-TINY = [
-    "device=cpu",
+TINY = tiny_overrides(  # smaller still than the suite's tiny config, on conftest's 40x30 scene_template
     "dataset.img_downscale=1",
     "dataset.holdout_every=0",
     "model.geometry.xyz_encoding.n_levels=4",
     "model.geometry.xyz_encoding.log2_hashmap_size=10",
-    "model.geometry.xyz_encoding.compile=false",
     "model.sampler.resolution=16",
     "model.sampler.update_every=4",
     "model.sampler.warmup_steps=8",
     "model.cos_anneal_steps=20",
     "trainer.train_num_rays=64",
     "trainer.num_samples_per_step=1024",
-    "trainer.val_every=0",
-    "trainer.ckpt_every=0",
     "trainer.log_every=5",
     "trainer.test_at_end=false",
     "system.scheduler.warmup_steps=2",
-]
+)
 
 
 def run_main(capsys, *args):

@@ -11,26 +11,22 @@ import torch
 from omegaconf import OmegaConf
 
 import systems
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_overrides
 from utils.checkpoint import CHECKPOINT_VERSION
 from systems.config import load_config
 from utils.config import to_primitive
 from utils.misc import seed_everything
 
 CPU_CONFIG = os.path.join(ROOT, "confs", "neus-dtu-wmask-cpu.yaml")
-SMALL = [
-    "device=cpu",
+SMALL = tiny_overrides(  # the suite's tiny config, larger for scan 24 at 200x150
     "dataset.img_downscale=8",
     "model.geometry.xyz_encoding.n_levels=8",
     "model.geometry.xyz_encoding.log2_hashmap_size=14",
-    "model.geometry.xyz_encoding.compile=false",  # compiling takes longer than these runs
     "model.cos_anneal_steps=20",  # not tied to max_steps, which the resume tests change
-    "model.sampler.resolution=32",
     "trainer.train_num_rays=256",
     "trainer.num_samples_per_step=4096",
-    "trainer.val_every=0",
     "trainer.test_at_end=false",
-]
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,12 +9,8 @@ import base64
 import glob
 import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 
@@ -23,30 +19,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from process_data.synthetic import make_demo_scene
-from tests.conftest import ROOT
+from tests.conftest import ROOT, start_run_py, stop_run_py, wait_for_line
 
-TINY = [
-    "device=cpu",
-    "dataset.n_views=8",
-    "dataset.width=80",
-    "dataset.height=60",
-    "dataset.holdout_every=4",
-    "model.geometry.xyz_encoding.n_levels=6",
-    "model.geometry.xyz_encoding.log2_hashmap_size=12",
-    "model.geometry.xyz_encoding.compile=false",
-    "model.sampler.resolution=32",
-    "trainer.max_steps=6",
-    "trainer.log_every=3",
-    "trainer.val_every=0",
-    "trainer.ckpt_every=0",
-    "trainer.train_num_rays=128",
-    "trainer.n_test_traj_steps=2",
-    "export.mesh_resolution=32",
-    "export.texture=true",
-    "export.texture_size=256",
-    "export.texture_faces=1000",
-]
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
@@ -56,86 +30,19 @@ WINDOW = (800, 600)
 ARTIFACTS = os.environ.get("TEST_ARTIFACTS", os.path.join(ROOT, "test-artifacts"))
 
 
-def run_py(*args, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "run.py", "--config", "confs/neus-demo.yaml", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env, **kwargs)
-
-
-def read_lines(stream, lines: "queue.Queue[str]"):
-    for line in iter(stream.readline, ""):
-        lines.put(line)
-
-
-def start(args):
-    """run.py with args in the background -> the process and a queue of its output lines."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "run.py", "--config", "confs/neus-demo.yaml", *args], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
-    return process, lines
-
-
-def wait_for_line(process, lines, log, prefix: str, timeout: float = 300) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            assert process.poll() is None, "".join(log)[-3000:]
-            continue
-        log.append(line)
-        if line.startswith(prefix) or f"INFO {prefix}" in line:
-            return line
-    raise AssertionError(f"no line starting with {prefix!r}:\n" + "".join(log)[-3000:])
-
-
-def stop(process, lines, log) -> str:
-    """Ctrl-C, then the whole output."""
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=180)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    time.sleep(0.2)
-    while not lines.empty():
-        log.append(lines.get())
-    return "".join(log)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A tiny training run with the live viewer on (refreshed every 3 steps): it keeps
-    serving after training until Ctrl-C."""
-    base = tmp_path_factory.mktemp("viewer")
-    scene = str(base / "scene")
-    make_demo_scene(scene, n_views=8, width=80, height=60)
-    process, lines = start(["--train", "--outputs_dir", str(base / "runs"), f"dataset.root_dir={scene}", *TINY,
-                            "viewer.enabled=true", "viewer.port=0", "viewer.refresh_every=3", "viewer.mesh_resolution=32"])
-    log = []
-    try:
-        wait_for_line(process, lines, log, "viewer: serving", timeout=1500)
-    finally:
-        output = stop(process, lines, log)
-    assert process.returncode == 0, output[-3000:]
-    (trial,) = glob.glob(str(base / "runs" / "neus-demo-scene" / "*"))
-    return scene, trial, output
-
-
-def test_live_viewer_during_training(tiny_run):
-    """The URL is printed, on 127.0.0.1; the live mesh refreshed at steps 3 and 6, then the
-    exported textured mesh is shown, and the viewer served until Ctrl-C."""
-    *_, output = tiny_run
+def test_live_viewer_during_training(demo_run):
+    """conftest's demo_run trains with the live viewer on (refreshed every 3 steps): the URL is
+    printed, on 127.0.0.1; the live mesh refreshed at steps 3 and 6, then the exported textured
+    mesh is shown, and the viewer served until Ctrl-C."""
+    output = demo_run.output
     assert "viewer: http://127.0.0.1:" in output
     assert "viewer: showing live mesh at step 3" in output and "viewer: showing live mesh at step 6" in output
     assert "viewer: showing " in output.split("viewer: showing live mesh at step 6")[1]
     assert "-textured.glb" in output.split("viewer: serving")[0].rsplit("viewer: showing", 1)[1]
 
 
-def test_training_ends_with_a_textured_mesh(tiny_run):
-    _, trial, _ = tiny_run
+def test_training_ends_with_a_textured_mesh(demo_run):
+    trial = demo_run.trial
     stem = os.path.join(trial, "save", "it000006-mc32")
     for ext in ("obj", "mtl", "png", "glb"):
         assert os.path.isfile(f"{stem}-textured.{ext}"), ext
@@ -218,13 +125,13 @@ def mesh_silhouette(mesh: trimesh.Trimesh, position, look_at, up, fov: float, si
     return rasterize_silhouette(np.asarray(mesh.vertices), np.asarray(mesh.faces), world_mat, size)
 
 
-def test_viewer_in_headless_chromium(tiny_run, tmp_path):
+def test_viewer_in_headless_chromium(demo_run, tmp_path):
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
-    scene, trial, _ = tiny_run
-    server, lines = start(["--view", "--resume", trial, f"dataset.root_dir={scene}", *TINY, "viewer.port=0",
-                           "viewer.render_width=64"])
+    scene, trial = demo_run.scene, demo_run.trial
+    server, lines = start_run_py(["--view", "--resume", trial, *demo_run.overrides, "viewer.port=0",
+                                  "viewer.render_width=64"])
     log = []
     browser = None
     try:
@@ -243,7 +150,7 @@ def test_viewer_in_headless_chromium(tiny_run, tmp_path):
     finally:
         if browser is not None:
             browser.close()
-        output = stop(server, lines, log)
+        output = stop_run_py(server, lines, log)
     assert "viewer: client 0 connected" in output, output[-3000:]
     assert server.returncode == 0, output[-3000:]
 
