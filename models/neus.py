@@ -1,6 +1,6 @@
 """NeuS: an SDF, a colour field and a learned sharpness, rendered with occupancy-grid sampling."""
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -100,17 +100,26 @@ class NeuSModel(Configurable, nn.Module):
         return torch.maximum(sdf, x.norm(dim=-1) - self.config.radius)
 
     @torch.no_grad()
-    def surface_colors(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    def surface_colors(self, x: torch.Tensor, chunk: int, dirs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Colour of surface points seen head-on (view direction = -normal): x [N, 3] -> [N, 3].
         With occupancy sampling the colour field is not smeared off the surface, so this is
-        the colour the renders show (see the seed's note on mesh colours)."""
+        the colour the renders show (see the seed's note on mesh colours).
+        With dirs [N, K, 3] (unit view directions, camera -> point): the colour seen along each
+        -> [N, K, 3] (the geometry evaluated once a point)."""
 
-        def colour(points):
+        def colour(packed):
+            points = packed[:, :3]
             _, feature, grad = self.geometry.forward_with_grad(points, create_graph=False)
             normal = normalize(grad)
-            return self.texture(feature, -normal, normal)
+            if dirs is None:
+                return self.texture(feature, -normal, normal)
+            view = packed[:, 3:].reshape(len(points), -1, 3)  # [n, K, 3]
+            k = view.shape[1]
+            rgb = self.texture(feature.repeat_interleave(k, 0), view.reshape(-1, 3), normal.repeat_interleave(k, 0))
+            return rgb.view(len(points), k, 3)
 
-        return chunked(colour, x, chunk)
+        packed = x if dirs is None else torch.cat([x, dirs.reshape(len(x), -1).to(x)], dim=1)  # [N, 3 (+ 3K)]
+        return chunked(colour, packed, chunk)
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, background: torch.Tensor) -> Dict[str, Any]:
         """Render rays. rays_o, rays_d: [n_rays, 3] (unit directions, normalised frame);

@@ -1,8 +1,9 @@
 """Measure the textured mesh: masked PSNR in the held-out views of
 
-  (a) the textured mesh (export.texture: decimated to --faces, --size^2 atlas),
-  (b) the vertex-coloured mesh at the SAME face count (the decimated mesh, colour network at
-      its vertices, as today's vertex colours),
+  (a) the textured mesh (export.texture: decimated to --faces, --size^2 atlas, coloured by each
+      rule of --rules, export.texture_colour),
+  (b) the vertex-coloured mesh at the SAME face count (the decimated mesh, its vertices coloured
+      by the same rule),
   (b') today's full-resolution vertex-coloured mesh (it<step>-mc<res>.ply),
   (c) the volume renders that --test writes (save/it<step>-test/<view>.png; rendered here
       when missing),
@@ -13,7 +14,11 @@ the volume renders. Also times the textured export.
 
     pip install embreex   # Embree ray casting; not a requirement of the framework, only this script uses it
     python scripts/eval_texture.py --config confs/neus-dtu-wmask-cpu.yaml --resume CKPT \
-        dataset.root_dir=../shared/data/dtu_scan24 [--faces 100000 --size 2048] [--json out.json]
+        dataset.root_dir=../shared/data/dtu_scan24 [--faces 100000 --size 2048] [--rules photos,head_on] \
+        [--json out.json]
+
+The textured files of each rule go to save/it<step>-mc<res>-<rule>-textured.*; the volume renders
+are kept as save/it<step>-texture-eval/volume-<view>-<W>x<H>.npy for the next run.
 """
 import argparse
 import json
@@ -87,12 +92,14 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", required=True, help="checkpoint of a trained run")
     parser.add_argument("--faces", type=int, default=100000, help="export.texture_faces")
     parser.add_argument("--size", type=int, default=2048, help="export.texture_size")
+    parser.add_argument("--rules", default=None,
+                        help="comma-separated export.texture_colour rules to measure (default: the config's)")
     parser.add_argument("--json", default=None, help="write the table here (default: beside the mesh)")
     args, overrides = parser.parse_known_args(argv)
 
     from run import trial_dir_of
     from systems import RunPaths, Trainer
-    from systems.texture import export_textured, surface_colours
+    from systems.texture import Cameras, export_textured, vertex_colours
     from systems.config import load_config
     from utils.metrics import psnr
     from utils.misc import resolve_device
@@ -118,79 +125,90 @@ def main(argv=None) -> int:
         system.export_mesh()  # today's mesh: marching cubes, clean-up, vertex colours
     mesh_seconds = time.perf_counter() - start
     full = trimesh.load(f"{stem}.ply", process=False)
-    timings = {}
-    start, cpu_start = time.perf_counter(), time.process_time()
-    export_textured(system.model, normalised(np.asarray(full.vertices)), np.asarray(full.faces), scale_mat, cfg, stem,
-                    device, timings)
-    timings["textured_total"] = time.perf_counter() - start
-    timings["textured_total_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (other load aside)
-    textured = trimesh.load(f"{stem}-textured.obj", process=False, force="mesh")
-    glb = trimesh.load(f"{stem}-textured.glb", force="mesh")
-    assert len(glb.faces) == len(textured.faces)
-    image = np.asarray(textured.visual.material.image.convert("RGB"), dtype=np.float32) / 255.0
-    uv = np.asarray(textured.visual.uv, dtype=np.float64)
-    tex_vertices = normalised(np.asarray(textured.vertices))
-    tex_faces = np.asarray(textured.faces)
-    # (b) the same decimated mesh with shared vertices and vertex colours
-    merged = trimesh.Trimesh(vertices=tex_vertices, faces=tex_faces, process=False)
-    merged.merge_vertices(merge_tex=True, merge_norm=True)
-    dec_vertices, dec_faces = np.asarray(merged.vertices), np.asarray(merged.faces)
-    dec_colours = surface_colours(system.model, dec_vertices, cfg.mesh_chunk, device).astype(np.float64)
     full_vertices = normalised(np.asarray(full.vertices))
     full_colours = np.asarray(full.visual.vertex_colors)[:, :3].astype(np.float64) / 255.0
-
-    casters = {
-        "textured": MeshCaster(tex_vertices, tex_faces),
-        "vertex_same_faces": MeshCaster(dec_vertices, dec_faces),
-        "vertex_full": MeshCaster(full_vertices, np.asarray(full.faces)),
-    }
+    cameras = Cameras.training(system.dataset)
+    rules = args.rules.split(",") if args.rules else [cfg.texture_colour]
     dataset = system.dataset
     views = dataset.split["test"] or dataset.split["train"][::8]
-    test_dir = os.path.join(paths.save_dir, f"it{step:06d}-test")
     h, w = dataset.height, dataset.width
-    per_view = {}
-    for view in views:
-        rays = dataset.view_rays(view)
-        ray_np = (rays["rays_o"].cpu().numpy(), rays["rays_d"].cpu().numpy())
-        background = rays["background"].cpu().numpy()
-        gt = rays["rgb"].view(h, w, 3)
-        mask = rays["mask"].view(h, w)
-        renders = {
-            "textured": render_textured(casters["textured"], uv, tex_faces, image, ray_np, background),
-            "vertex_same_faces": render_vertex_coloured(casters["vertex_same_faces"], dec_colours, ray_np, background),
-            "vertex_full": render_vertex_coloured(casters["vertex_full"], full_colours, ray_np, background),
+    out_dir = os.path.join(paths.save_dir, f"it{step:06d}-texture-eval")
+    os.makedirs(out_dir, exist_ok=True)
+    rays_of = {view: dataset.view_rays(view) for view in views}
+    volume = {}
+    for view in views:  # (c), rendered once and kept
+        cache = os.path.join(out_dir, f"volume-{view:06d}-{w}x{h}.npy")
+        if not os.path.isfile(cache):
+            np.save(cache, system.task.evaluation.render_view(view)["rgb"].cpu().numpy().reshape(h, w, 3))
+        volume[view] = np.load(cache).reshape(-1, 3)
+    full_caster = MeshCaster(full_vertices, np.asarray(full.faces))
+    results = {}
+    for rule in rules:
+        cfg.texture_colour = rule
+        rule_stem = f"{stem}-{rule}"
+        timings = {}
+        start, cpu_start = time.perf_counter(), time.process_time()
+        export_textured(system.model, full_vertices, np.asarray(full.faces), scale_mat, cfg, rule_stem, device,
+                        timings, cameras=cameras)
+        timings["textured_total"] = time.perf_counter() - start
+        timings["textured_total_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (other load aside)
+        textured = trimesh.load(f"{rule_stem}-textured.obj", process=False, force="mesh")
+        glb = trimesh.load(f"{rule_stem}-textured.glb", force="mesh")
+        assert len(glb.faces) == len(textured.faces)
+        image = np.asarray(textured.visual.material.image.convert("RGB"), dtype=np.float32) / 255.0
+        uv = np.asarray(textured.visual.uv, dtype=np.float64)
+        tex_vertices = normalised(np.asarray(textured.vertices))
+        tex_faces = np.asarray(textured.faces)
+        # (b) the same decimated mesh with shared vertices, coloured by the same rule
+        merged = trimesh.Trimesh(vertices=tex_vertices, faces=tex_faces, process=False)
+        merged.merge_vertices(merge_tex=True, merge_norm=True)
+        dec_vertices, dec_faces = np.asarray(merged.vertices), np.asarray(merged.faces)
+        start = time.perf_counter()
+        dec_colours = vertex_colours(system.model, dec_vertices, dec_faces, cfg, cameras, device).astype(np.float64)
+        timings["vertex_colours"] = time.perf_counter() - start
+        casters = {"textured": MeshCaster(tex_vertices, tex_faces), "vertex_same_faces": MeshCaster(dec_vertices, dec_faces)}
+        per_view = {}
+        for view in views:
+            rays = rays_of[view]
+            ray_np = (rays["rays_o"].cpu().numpy(), rays["rays_d"].cpu().numpy())
+            background = rays["background"].cpu().numpy()
+            gt = rays["rgb"].view(h, w, 3)
+            mask = rays["mask"].view(h, w)
+            renders = {
+                "textured": render_textured(casters["textured"], uv, tex_faces, image, ray_np, background),
+                "vertex_same_faces": render_vertex_coloured(casters["vertex_same_faces"], dec_colours, ray_np, background),
+                "vertex_full": render_vertex_coloured(full_caster, full_colours, ray_np, background),
+                "volume": volume[view],
+            }
+            per_view[f"{view:06d}"] = {
+                k: psnr(torch.from_numpy(v.reshape(h, w, 3)).float(), gt.cpu().float(), mask.cpu())
+                for k, v in renders.items()
+            }
+            panel = np.concatenate([renders[k].reshape(h, w, 3) for k in ("textured", "vertex_same_faces", "volume")]
+                                   + [gt.cpu().numpy()], axis=1)
+            imageio.imwrite(os.path.join(out_dir, f"{view:06d}-{rule}.png"),
+                            (np.clip(panel, 0, 1) * 255 + 0.5).astype(np.uint8))
+        results[rule] = {
+            "views": per_view,
+            "mean_psnr_masked": {k: float(np.mean([v[k] for v in per_view.values()])) for k in next(iter(per_view.values()))},
+            "faces": {"textured": int(len(tex_faces)), "vertex_same_faces": int(len(dec_faces)),
+                      "vertex_full": int(len(full.faces))},
+            "seconds": timings,
         }
-        volume_png = os.path.join(test_dir, f"{view:06d}.png")
-        if os.path.isfile(volume_png):
-            volume = imageio.imread(volume_png)[..., :3].astype(np.float32) / 255.0
-        else:
-            volume = system.task.evaluation.render_view(view)["rgb"].cpu().numpy()
-        renders["volume"] = volume.reshape(-1, 3)
-        per_view[f"{view:06d}"] = {
-            k: psnr(torch.from_numpy(v.reshape(h, w, 3)).float(), gt.cpu().float(), mask.cpu())
-            for k, v in renders.items()
-        }
-        out_dir = os.path.join(paths.save_dir, f"it{step:06d}-texture-eval")
-        os.makedirs(out_dir, exist_ok=True)
-        panel = np.concatenate([renders[k].reshape(h, w, 3) for k in ("textured", "vertex_same_faces", "volume")]
-                               + [gt.cpu().numpy()], axis=1)
-        imageio.imwrite(os.path.join(out_dir, f"{view:06d}.png"), (np.clip(panel, 0, 1) * 255 + 0.5).astype(np.uint8))
-    mean = {k: float(np.mean([v[k] for v in per_view.values()])) for k in next(iter(per_view.values()))}
+        print(rule, json.dumps({k: results[rule][k] for k in ("mean_psnr_masked", "seconds")}), flush=True)
     result = {
         "checkpoint": os.path.abspath(args.resume),
         "step": step,
-        "views": per_view,
-        "mean_psnr_masked": mean,
-        "faces": {"textured": int(len(tex_faces)), "vertex_same_faces": int(len(dec_faces)),
-                  "vertex_full": int(len(full.faces))},
         "texture_size": args.size,
-        "seconds": {"mesh_export": mesh_seconds, **timings},
-        "panels": "textured | vertex-coloured (same faces) | volume | photo",
+        "texture_views": cfg.texture_views,
+        "mesh_export_seconds": mesh_seconds,
+        "rules": results,
+        "panels": "textured | vertex-coloured (same faces, same rule) | volume | photo",
     }
     out = args.json or f"{stem}-texture-eval.json"
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps({k: result[k] for k in ("mean_psnr_masked", "faces", "seconds")}, indent=1))
+    print(json.dumps({rule: r["mean_psnr_masked"] for rule, r in results.items()}, indent=1))
     print(f"written {out}")
     return 0
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from utils.distributed import Shards
-from utils.config import MeshFormat
+from utils.config import MeshFormat, TextureColour
 from utils.mesh import (
     extract_surface,
     faces_inside_masks,
@@ -54,6 +54,13 @@ class ExportConfig:
     texture: bool = False
     texture_faces: int = 100000
     texture_size: int = 2048
+    # each texel's colour (and the decimated mesh's vertex colours): `photos` blends the training
+    # photos that see the point (depth test against the mesh, the texture_views most frontal,
+    # weighted by cos^4 of the angle to the normal; the network where none sees it);
+    # `network_views` evaluates the colour network along those views' directions instead;
+    # `head_on` the network viewed from the normal (as the .ply's vertex colours)
+    texture_colour: TextureColour = "photos"
+    texture_views: int = 3
 
 
 @dataclass
@@ -93,10 +100,10 @@ class MeshExport:
         stem = mesh_stem(save_dir, step, cfg.mesh_resolution)
         paths = save_mesh(stem, mesh.vertices_world, mesh.faces, colors, list(cfg.formats))
         if cfg.texture:
-            from systems.texture import export_textured
+            from systems.texture import Cameras, export_textured
 
             paths += export_textured(self.model, mesh.vertices, mesh.faces, self.dataset.views.scale_mat, cfg, stem,
-                                     self.device)
+                                     self.device, cameras=Cameras.training(self.dataset))
         log.info("mesh: %d vertices, %d faces -> %s", len(mesh.vertices_world), len(mesh.faces), ", ".join(paths))
         if mesh.removed is not None and len(mesh.removed[1]):
             removed_path = save_mesh(f"{stem}-removed", *mesh.removed, None, ["ply"])[0]

@@ -5,8 +5,20 @@ import pytest
 import torch
 import trimesh
 
-from systems.texture import export_textured
-from utils.texture import dilate, grid_atlas, rasterize_atlas, texel_points
+from systems.texture import Cameras, ViewSelector, colour_points, export_textured
+from utils.texture import (
+    depth_map,
+    depth_test,
+    dilate,
+    facing,
+    grid_atlas,
+    project,
+    rasterize_atlas,
+    sample_image,
+    texel_points,
+    top_views,
+    view_weights,
+)
 
 
 def test_one_triangle_by_hand():
@@ -72,8 +84,11 @@ class ColourField(torch.nn.Module):
     def colour(x):
         return 0.5 + 0.45 * torch.sin(3.0 * x)
 
-    def surface_colors(self, x, chunk):
-        return self.colour(x)
+    def surface_colors(self, x, chunk, dirs=None):
+        """Head-on: the field at x; along dirs [N, K, 3]: 0.5 + 0.5 * dir (the point ignored)."""
+        if dirs is None:
+            return self.colour(x)
+        return 0.5 + 0.5 * dirs
 
 
 def test_export_round_trip_in_the_world_frame(tmp_path):
@@ -86,6 +101,7 @@ def test_export_round_trip_in_the_world_frame(tmp_path):
 
     class Config:
         texture_faces, texture_size, mesh_chunk = 2000, 512, 65536
+        texture_colour, texture_views = "head_on", 3
 
     paths = export_textured(ColourField(), mesh.vertices, mesh.faces, scale_mat, Config, str(tmp_path / "it000006-mc32"),
                             torch.device("cpu"))
@@ -107,3 +123,166 @@ def test_export_round_trip_in_the_world_frame(tmp_path):
     centre_normalised = (obj.triangles_center - (12.0, -7.0, 30.0)) / 80.0
     expected = ColourField.colour(torch.from_numpy(centre_normalised)).numpy()
     assert np.abs(texel - expected).max() < 0.05
+
+
+# --- colour from the training views --------------------------------------------------------
+
+K_TEST = np.array([[100.0, 0.0, 50.0], [0.0, 100.0, 40.0], [0.0, 0.0, 1.0]])
+
+
+def test_project_by_hand():
+    """u = fx x/z + cx, v = fy y/z + cy in the camera frame x_cam = R^T (p - o)."""
+    point = np.array([[0.1, -0.2, 2.0]])
+    identity = np.hstack([np.eye(3), np.zeros((3, 1))])
+    turned = np.hstack([np.diag([-1.0, 1.0, -1.0]), [[0.0], [0.0], [4.0]]])  # at z = 4, looking down -z
+    uv, z = project(point, np.stack([K_TEST, K_TEST]), np.stack([identity, turned]))
+    # camera 1: (0.1, -0.2, 2) -> u = 100 * 0.05 + 50, v = 100 * -0.1 + 40
+    # camera 2: R^T (p - o) = diag(-1, 1, -1) (0.1, -0.2, -2) = (-0.1, -0.2, 2)
+    np.testing.assert_allclose(uv[:, 0], [[55.0, 30.0], [45.0, 30.0]])
+    np.testing.assert_allclose(z[:, 0], [2.0, 2.0])
+
+
+def camera_point(u, v, z):
+    """The camera-frame point (identity camera, K_TEST) at pixel (u, v), depth z."""
+    return [(u - 50.0) / 100.0 * z, (v - 40.0) / 100.0 * z, z]
+
+
+def two_triangle_scene():
+    """A tilted triangle projecting to (10, 0), (90, 0), (10, 80) at depths 1, 3, 1, and a small
+    one in front of it at depth 0.5 projecting to (20, 5), (40, 5), (20, 25)."""
+    vertices = np.array([camera_point(10, 0, 1), camera_point(90, 0, 3), camera_point(10, 80, 1),
+                         camera_point(20, 5, 0.5), camera_point(40, 5, 0.5), camera_point(20, 25, 0.5)])
+    faces = np.array([[0, 1, 2], [3, 4, 5]])
+    identity = np.hstack([np.eye(3), np.zeros((3, 1))])[None]
+    uv, z = project(vertices, K_TEST[None], identity)
+    return depth_map(uv[0], z[0], faces, 100, 81)
+
+
+def test_depth_map_is_perspective_correct_and_keeps_the_nearest():
+    depth = two_triangle_scene()
+    # (50, 20): screen barycentrics (0.25, 0.5, 0.25) -> 1/z = 0.25/1 + 0.5/3 + 0.25/1 = 2/3, z = 1.5
+    # (an affine depth would give 2.0)
+    assert depth[20, 50] == pytest.approx(1.5, rel=1e-5)
+    assert depth[10, 25] == pytest.approx(0.5, rel=1e-5)  # the front triangle hides the tilted one
+    assert np.isinf(depth[70, 80])  # outside both (s + t = 0.875 + 0.875 > 1)
+    assert np.isinf(depth[0, 95])
+
+
+def test_depth_test_on_the_two_triangles():
+    depth = two_triangle_scene()
+    # on the tilted triangle at (25, 10): b = (0.6875, 0.1875, 0.125), 1/z = 0.6875 + 0.0625 + 0.125
+    hidden_z = 1.0 / 0.875
+    uv = np.array([[50.0, 20.0], [25.0, 10.0], [25.2, 9.8], [150.0, 20.0], [50.0, 20.0]])
+    z = np.array([1.5, hidden_z, 0.5, 1.0, -1.5])
+    seen = depth_test(uv[None], z[None], depth[None], 0.01)[0]
+    # seen; behind the front triangle; on the front triangle (nearest pixel centre); outside the
+    # image; behind the camera
+    np.testing.assert_array_equal(seen, [True, False, True, False, False])
+
+
+def test_view_weights_and_top_views_by_hand():
+    normals = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    points = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    # three cameras: straight above the first point, at 45 degrees from both, below the tangent plane
+    centres = np.array([[0.0, 0.0, 2.0], [3.0, 0.0, 2.0], [4.0, 0.0, -0.5]])
+    cos = facing(normals, points, centres)
+    # (0, 0, 2): 1 and 2 / sqrt(5); (3, 0, 2): 2 / sqrt(13) and 1 / sqrt 2; (4, 0, -0.5): negative
+    np.testing.assert_allclose(cos[:2], [[1.0, 2 / np.sqrt(5)], [2 / np.sqrt(13), np.sqrt(0.5)]])
+    assert (cos[2] < 0).all()
+    cos[1, 0] = np.sqrt(0.5)  # make both points see camera 2 at 45 degrees
+    visible = np.array([[True, False], [True, True], [True, True]])
+    w = view_weights(cos, visible, 4.0, 0.1)
+    # cos^4: 1, (1/sqrt 2)^4 = 0.25, 0 (cos < 0.1); point 2 does not see camera 1
+    np.testing.assert_allclose(w, [[1.0, 0.0], [0.25, 0.25], [0.0, 0.0]])
+    index, weight = top_views(w, 2)
+    order = np.argsort(-weight, axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(index, order, 1)[0], [0, 1])
+    np.testing.assert_allclose(np.sort(weight, axis=1)[:, ::-1], [[0.8, 0.2], [1.0, 0.0]])
+    _, none = top_views(np.zeros((3, 1)), 2)  # a point no camera sees: all weights 0
+    np.testing.assert_array_equal(none, [[0.0, 0.0]])
+
+
+def test_sample_image_bilinear_at_integer_pixel_centres():
+    images = np.zeros((2, 2, 3, 1), np.uint8)
+    images[1, :, :, 0] = [[0, 10, 20], [30, 40, 50]]
+    out = sample_image(images, np.array([1, 1, 1, 0]), np.array([[1.0, 0.0], [0.5, 0.5], [9.0, 9.0], [1.0, 1.0]]))
+    # (u=1, v=0) -> 10; halfway between 0, 10, 30, 40 -> 20; clamped to the last pixel -> 50; image 0 -> 0
+    np.testing.assert_allclose(out[:, 0], [10.0, 20.0, 50.0, 0.0])
+
+
+def look_at(centre, target):
+    """c2w [3, 4] of a camera at centre looking at target (OpenCV axes, y down, world y up)."""
+    z = np.asarray(target, float) - centre
+    z /= np.linalg.norm(z)
+    x = np.cross(z, [0.0, 1.0, 0.0])
+    x /= np.linalg.norm(x)
+    return np.hstack([np.stack([x, np.cross(z, x), z], axis=1), np.asarray(centre, float)[:, None]])
+
+
+def two_view_scene():
+    """The square [-1, 1]^2 at z = 0 (two triangles, normal +z), a small triangle floating at
+    z = 1 around (1.25, 0, 1), between (0.5, 0, 0) and camera 2. Camera 1 at (0, 0, 2) looks
+    down; camera 2 at (2, 0, 2) looks at the origin. Photo 1 is all red, photo 2 all blue."""
+    vertices = np.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0],
+                         [1.15, -0.1, 1], [1.35, -0.1, 1], [1.25, 0.1, 1]], dtype=float)
+    faces = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6]])
+    intrinsics = np.array([[[100.0, 0, 50], [0, 100.0, 50], [0, 0, 1]]] * 2)
+    c2w = np.stack([look_at([0.0, 0, 2], [0, 0, 0]), look_at([2.0, 0, 2], [0, 0, 0])])
+    images = np.zeros((2, 101, 101, 3), np.uint8)
+    images[0, ..., 0] = 255
+    images[1, ..., 2] = 255
+    return Cameras(intrinsics, c2w, images), vertices, faces
+
+
+def test_photos_blend_the_views_that_see_a_point():
+    """At the origin both cameras see the point: weights cos^4 = 1 and (1/sqrt 2)^4 = 1/4,
+    normalised 0.8 red + 0.2 blue. At (0.5, 0, 0) the floating triangle hides camera 2: red."""
+    cameras, vertices, faces = two_view_scene()
+    selector = ViewSelector(cameras, vertices, faces)
+    points = np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
+    normals = np.array([[0.0, 0.0, 1.0]] * 2)
+    view, weight, _ = selector.select(points, normals, 2)
+    np.testing.assert_allclose(weight[0][np.argsort(view[0])], [0.8, 0.2], atol=1e-6)
+    np.testing.assert_allclose(np.sort(weight[1]), [0.0, 1.0], atol=1e-6)
+    colours = colour_points(ColourField(), points, normals, "photos", selector, 2, 1024, torch.device("cpu"))
+    np.testing.assert_allclose(colours, [[0.8, 0.0, 0.2], [1.0, 0.0, 0.0]], atol=1e-5)
+    # a point below the square faces away from both: the network, head-on
+    below = colour_points(ColourField(), np.array([[0.0, 0.0, 0.0]]), np.array([[0.0, 0.0, -1.0]]), "photos",
+                          selector, 2, 1024, torch.device("cpu"))
+    np.testing.assert_allclose(below, ColourField.colour(torch.zeros(1, 3)).numpy(), atol=1e-6)
+
+
+def test_network_views_evaluate_the_network_along_the_seeing_views():
+    """The stand-in network answers 0.5 + 0.5 d for view direction d (camera -> point): at the
+    origin d1 = (0, 0, -1), d2 = (-1, 0, -1)/sqrt 2, blended 0.8 / 0.2:
+    0.8 (0.5, 0.5, 0) + 0.2 (0.1464, 0.5, 0.1464) = (0.4293, 0.5, 0.0293)."""
+    cameras, vertices, faces = two_view_scene()
+    selector = ViewSelector(cameras, vertices, faces)
+    colours = colour_points(ColourField(), np.zeros((1, 3)), np.array([[0.0, 0.0, 1.0]]), "network_views", selector,
+                            3, 1024, torch.device("cpu"))
+    np.testing.assert_allclose(colours, [[0.42929, 0.5, 0.02929]], atol=1e-4)
+
+
+def test_texture_colour_is_a_validated_choice():
+    from systems.config import load_config
+    from utils.config import ConfigError
+
+    config = load_config("confs/neus-dtu-wmask-cpu.yaml", ["export.texture_colour=network_views"])
+    assert config.export.texture_colour == "network_views"
+    with pytest.raises(ConfigError, match="texture_colour"):
+        load_config("confs/neus-dtu-wmask-cpu.yaml", ["export.texture_colour=photo"])
+
+
+def test_bake_with_photos_takes_every_texel_from_the_photos():
+    """Every point of the two-view scene faces a camera that sees it, so every texel is a blend
+    of the red and the blue photo (r + b = 1, no green), never the network's head-on colour
+    (whose green is 0.5 + 0.45 sin(3 y) > 0)."""
+    from systems.texture import bake_texture
+
+    cameras, vertices, faces = two_view_scene()
+    corner_vertex, uv, uv_faces, image = bake_texture(ColourField(), vertices, faces, 64, 1024, torch.device("cpu"),
+                                                      "photos", cameras, 2)
+    face_id, _ = rasterize_atlas(uv, uv_faces, 64)
+    texels = image[face_id >= 0].astype(int)
+    assert (texels[:, 1] == 0).all()
+    assert (np.abs(texels[:, 0] + texels[:, 2] - 255) <= 1).all()

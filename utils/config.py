@@ -47,6 +47,9 @@ _register_resolvers()
 BackgroundColor = Literal["random", "white", "black"]
 Precision = Literal["auto", "fp16-mixed", "fp32"]
 MeshFormat = Literal["ply", "obj", "stl"]
+# how a textured mesh is coloured (systems/texture.py): the training photos that see each point,
+# the colour network along those photos' view directions, or the network seen head-on
+TextureColour = Literal["photos", "network_views", "head_on"]
 
 
 def valid_keys(schema: Type) -> List[str]:

@@ -193,3 +193,151 @@ def grid_atlas(vertices: np.ndarray, faces: np.ndarray, size: int, padding: floa
     texel = local + np.stack([x0, y0], axis=-1)[:, None, :]
     uv = (texel / size).reshape(-1, 2)
     return rolled.reshape(-1), uv, np.arange(3 * n_faces, dtype=np.int64).reshape(n_faces, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour from the training views: which cameras see a surface point, how much each counts.
+# Cameras follow process_data.base.pixel_directions: OpenCV axes (x right, y down, z forward),
+# pixel (row, col) has its centre at (u, v) = (col, row) (integers, no half-pixel offset).
+# ---------------------------------------------------------------------------------------------
+
+
+def project(points: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Pinhole projection of points into C cameras.
+
+    x_cam = R^T (p - o)  (R = c2w[:, :3], o = c2w[:, 3]),  [u z, v z, z] = K x_cam,
+    one 3x4 matrix a camera: P = K [R^T | -R^T o], [u z, v z, z] = P [p, 1].
+    points [N, 3], intrinsics [C, 3, 3], c2w [C, 3, 4] -> uv [C, N, 2] (u = column, v = row),
+    z [C, N] (depth along the optical axis; <= 0 behind the camera)."""
+    rotation_t = np.transpose(c2w[:, :, :3], (0, 2, 1))  # R^T [C, 3, 3]
+    extrinsic = np.concatenate([rotation_t, -rotation_t @ c2w[:, :, 3:]], axis=2)  # [C, 3, 4]
+    matrix = intrinsics @ extrinsic  # [C, 3, 4]
+    pix = np.tensordot(matrix[:, :, :3], points, axes=([2], [1])) + matrix[:, :, 3:]  # [C, 3, N]
+    z = pix[:, 2]
+    safe = np.where(np.abs(z) > 1e-12, z, 1e-12)
+    return np.stack([pix[:, 0] / safe, pix[:, 1] / safe], axis=-1), z
+
+
+def depth_map(uv: np.ndarray, z: np.ndarray, faces: np.ndarray, width: int, height: int, near: float = 1e-3,
+              budget: int = 1 << 22) -> np.ndarray:
+    """z-buffer of a mesh in one camera: the depth of the nearest triangle at each pixel centre.
+
+    uv [V, 2] pixel coordinates of the vertices (see project), z [V] their depths, faces [F, 3]
+    -> depth [height, width] float32, inf where no triangle covers the pixel centre.
+    Perspective-correct: 1/z is affine in screen space, so at a pixel centre with screen-space
+    barycentrics b, 1/z = sum_i b_i / z_i. A centre on an edge counts for both triangles
+    (b_i >= -1e-6), so a closed mesh leaves no cracks. Triangles with a corner nearer than
+    `near` are skipped. Vectorised over triangles in groups of similar bounding box (about
+    `budget` candidate pixels a group), as rasterize_atlas."""
+    depth = np.full(height * width, np.inf, dtype=np.float32)
+    if len(faces) == 0:
+        return depth.reshape(height, width)
+    corners = uv[faces].astype(np.float64)  # [F, 3, 2]
+    inv_z = 1.0 / np.where(z > near, z, np.nan)[faces]  # [F, 3] (nan: behind or too near)
+    lo = np.ceil(corners.min(axis=1)).astype(np.int64)  # [F, 2] first pixel centre (u, v)
+    hi = np.floor(corners.max(axis=1)).astype(np.int64)  # [F, 2] last pixel centre
+    lo = np.maximum(lo, 0)
+    hi = np.minimum(hi, [width - 1, height - 1])
+    e1, e2 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
+    area2 = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]  # [F] twice the signed screen area
+    valid = (np.abs(area2) > 1e-12) & (hi >= lo).all(axis=1) & np.isfinite(inv_z).all(axis=1)
+    extent = hi - lo + 1
+    order = np.flatnonzero(valid)
+    order = order[np.argsort(extent[order, 0] * extent[order, 1], kind="stable")]
+    start = 0
+    while start < len(order):
+        first = extent[order[start]]
+        stop = min(len(order), start + max(1, budget // int(first[0] * first[1])))
+        box = extent[order[start:stop]].max(axis=0)
+        while stop - start > 1 and (stop - start) * box[0] * box[1] > budget:
+            stop = start + (stop - start) // 2
+            box = extent[order[start:stop]].max(axis=0)
+        group = order[start:stop]
+        start = stop
+        ox, oy = np.meshgrid(np.arange(box[0]), np.arange(box[1]), indexing="xy")
+        ox, oy = ox.reshape(1, -1), oy.reshape(1, -1)  # [1, K]
+        pu, pv = lo[group, :1] + ox, lo[group, 1:] + oy  # [G, K] pixel centres
+        in_box = (ox < extent[group, :1]) & (oy < extent[group, 1:])
+        c = corners[group]
+        inv_depth = np.zeros(pu.shape)
+        inside = in_box
+        for i in range(3):  # b_i = twice the area of (p, corner_{i+1}, corner_{i+2}) / area2
+            a, b = c[:, (i + 1) % 3], c[:, (i + 2) % 3]
+            cross = (b[:, 0] - a[:, 0])[:, None] * (pv - a[:, 1:2]) - (b[:, 1] - a[:, 1])[:, None] * (pu - a[:, 0:1])
+            w = cross / area2[group, None]
+            inside = inside & (w >= -1e-6)
+            inv_depth += w * inv_z[group, i:i + 1]
+        g, k = np.nonzero(inside)
+        np.minimum.at(depth, pv[g, k] * width + pu[g, k], (1.0 / inv_depth[g, k]).astype(np.float32))
+    return depth.reshape(height, width)
+
+
+def nearest_pixel(images: np.ndarray, uv: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Look-up in C single-channel images [C, H, W] at the pixel centres nearest uv [C, N, 2]
+    -> values [C, N] (clamped at the border) and inside bool [C, N] (uv within the image)."""
+    n_images, height, width = images.shape
+    col, row = np.rint(uv[..., 0]), np.rint(uv[..., 1])
+    inside = (col >= 0) & (col <= width - 1) & (row >= 0) & (row <= height - 1)
+    col = np.clip(np.nan_to_num(col), 0, width - 1).astype(np.int64)
+    row = np.clip(np.nan_to_num(row), 0, height - 1).astype(np.int64)
+    return images.reshape(-1)[(np.arange(n_images)[:, None] * height + row) * width + col], inside
+
+
+def depth_test(uv: np.ndarray, z: np.ndarray, depth: np.ndarray, tolerance) -> np.ndarray:
+    """Which points C cameras see: uv [C, N, 2] and z [C, N] (see project), depth [C, H, W]
+    their z-buffers (depth_map) -> bool [C, N]: in front of the camera, projecting inside the
+    image, and at most `tolerance` (a number or [C, N]) behind the nearest surface at the
+    nearest pixel centre: z <= depth[c, round(v), round(u)] + tolerance."""
+    nearest, inside = nearest_pixel(depth, uv)
+    return inside & (z > 0) & (z <= nearest + tolerance)
+
+
+def facing(normals: np.ndarray, points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """The cosine between each point's normal and its direction to each camera centre:
+
+        cos = n . (o - p) / |o - p| = (n . o - n . p) / sqrt(|o|^2 - 2 o . p + |p|^2)
+
+    normals [N, 3] unit, points [N, 3], centres [C, 3] -> [C, N]."""
+    dot = centres @ normals.T - (normals * points).sum(axis=1)[None]  # [C, N]
+    dist2 = (centres ** 2).sum(axis=1)[:, None] - 2.0 * centres @ points.T + (points ** 2).sum(axis=1)[None]
+    return dot / np.sqrt(np.maximum(dist2, 1e-24))
+
+
+def view_weights(cos: np.ndarray, visible: np.ndarray, power: float, min_cos: float) -> np.ndarray:
+    """How much each camera counts for each surface point: the frontal-ness of its view,
+
+        w = visible * cos^power,  w = 0 where cos < min_cos,
+
+    cos [C, N] (facing), visible bool [C, N] -> weights [C, N] (unnormalised; 1 for a visible
+    head-on view)."""
+    return np.where(visible & (cos >= min_cos), np.maximum(cos, 0.0) ** power, 0.0)
+
+
+def top_views(weights: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The k cameras with the largest weights for each point, weights normalised to sum 1.
+    weights [C, N] -> view index [N, k], weight [N, k] (a point no camera sees has weights 0;
+    its indices are arbitrary). Ties keep no particular order."""
+    n_views = weights.shape[0]
+    k = min(k, n_views)
+    by_point = np.ascontiguousarray(weights.T)  # [N, C]
+    if k < n_views:
+        index = np.argpartition(-by_point, k - 1, axis=1)[:, :k]  # [N, k]
+    else:
+        index = np.broadcast_to(np.arange(n_views)[None], by_point.shape).copy()
+    w = np.take_along_axis(by_point, index, axis=1)  # [N, k]
+    total = w.sum(axis=1, keepdims=True)
+    return index, np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+
+
+def sample_image(images: np.ndarray, view: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Bilinear lookup in a stack of images [C, H, W, ch] (pixel centres at integer (u, v),
+    clamped at the border): view [N] which image, uv [N, 2] where -> [N, ch] float32."""
+    height, width = images.shape[1:3]
+    x = np.clip(np.nan_to_num(uv[:, 0]), 0, width - 1)
+    y = np.clip(np.nan_to_num(uv[:, 1]), 0, height - 1)
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
+    fx, fy = (x - x0)[:, None].astype(np.float32), (y - y0)[:, None].astype(np.float32)
+    top = images[view, y0, x0] * (1 - fx) + images[view, y0, x1] * fx
+    bottom = images[view, y1, x0] * (1 - fx) + images[view, y1, x1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)
