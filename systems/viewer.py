@@ -252,8 +252,8 @@ class Viewer:
 
         # both set here: a process started in the background by a shell inherits SIGINT ignored
         previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-        print(f"viewer: serving {self.url} until Ctrl-C", flush=True)
-        try:
+        try:  # a Ctrl-C that comes as soon as the line is out (a script waiting for it) stops cleanly too
+            print(f"viewer: serving {self.url} until Ctrl-C", flush=True)
             while True:
                 self.serve_pending()
                 time.sleep(0.05)
