@@ -10,6 +10,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m encoder.hashgrid_cpp  # the hash grid's C++ CPU kernels, built once per machine (not fatal)
 	touch $@
 
 .PHONY: venv test demo dtu bench

@@ -13,8 +13,11 @@ uniform in [-1e-4, 1e-4]. Output is level-major: [l0 f0, l0 f1, l1 f0, ...].
 level-major with one `index_select` on flat indices, which is what makes it fast on CPU);
 `backend: tcnn` wraps `tinycudann.Encoding` (CUDA only; its flat parameters are this table
 flattened row-major, see `tcnn_params_from_table`; checkpoints hold the [T, F] table on both
-backends, so they move between them); `auto` takes tcnn only on CUDA when it imports. On top
-of either sits the progressive band mask (Neuralangelo / instant-nsr-pl): only the first `current_level` levels are active; the rest output zeros.
+backends, so they move between them); `backend: cpp` runs fused C++ CPU kernels
+(encoder/csrc/hashgrid_cpu.cpp, built once per machine by encoder/hashgrid_cpp.py) that recompute
+each point's corners instead of materialising them, with the same autograd graph as torch.
+`auto` takes tcnn on CUDA when it imports, cpp on CPU when it builds, else torch. On top
+of each sits the progressive band mask (Neuralangelo / instant-nsr-pl): only the first `current_level` levels are active; the rest output zeros.
 """
 import ctypes
 import ctypes.util
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from encoder.registry import ENCODINGS
-from utils.config import Configurable
+from utils.config import ConfigError, Configurable
 from utils.misc import choose_cuda_backend
 
 HASH_PRIMES = (1, 2654435761, 805459861)
@@ -195,41 +198,86 @@ def table_jvp_backward(
 
 
 class Kernels(NamedTuple):
-    """The tensor maths of one grid: eager (the reference) or torch.compile'd (fused loops
-    with the level constants folded in; several times faster on CPU)."""
+    """The tensor maths of one grid, in five kernels that share an opaque `corners` handle:
+    `corners(x, with_derivative)` is computed once per forward and the other four take it.
 
-    corners: Callable  # x, with_derivative -> rows, weights, dweights
-    interpolate: Callable
-    interpolate_backward: Callable
-    table_jvp: Callable
-    table_jvp_backward: Callable
+    torch backend: the handle is `TorchCorners` (rows, weights, dweights materialised as
+    [L, N, 8(, 3)]), run eagerly (the reference) or torch.compile'd (fused loops with the level
+    constants folded in; several times faster on CPU). cpp backend: the handle is x itself and
+    the C++ kernels recompute corners on the fly (`make_cpp_kernels`)."""
+
+    corners: Callable  # x [N, 3], with_derivative -> handle
+    interpolate: Callable  # table [T, F], handle -> [L, N, F]
+    interpolate_backward: Callable  # n_table_rows, handle, g [L, N, F] -> [T, F]
+    table_jvp: Callable  # g [L, N, F], table [T, F], handle -> [N, 3]
+    table_jvp_backward: Callable  # grad_grad_x [N, 3], g [L, N, F], table [T, F], handle -> [L, N, F], [T, F]
+
+
+class TorchCorners(NamedTuple):
+    """The torch backend's corners handle (what `corner_rows_and_weights` returns)."""
+
+    rows: torch.Tensor  # [L, N, 8] int32, flat table rows
+    weights: torch.Tensor  # [L, N, 8]
+    dweights: Optional[torch.Tensor]  # [L, N, 8, 3], or None without the x-derivative
 
 
 def make_kernels(levels: GridLevels, compile: bool) -> Kernels:
+    """The torch backend's kernels: the pure functions above (torch.compile'd when `compile`),
+    wrapped to take the `TorchCorners` handle."""
+
     def corners(x, with_derivative):
         return corner_rows_and_weights(x, levels, with_derivative)
 
-    kernels = Kernels(corners, interpolate, interpolate_backward, table_jvp, table_jvp_backward)
+    pure = (corners, interpolate, interpolate_backward, table_jvp, table_jvp_backward)
     if compile:
         # dynamic shapes: the number of samples changes every step and must not recompile
-        kernels = Kernels(*(torch.compile(fn, dynamic=True) for fn in kernels))
-    return kernels
+        pure = tuple(torch.compile(fn, dynamic=True) for fn in pure)
+    corners_fn, interpolate_fn, interpolate_backward_fn, table_jvp_fn, table_jvp_backward_fn = pure
+    return Kernels(
+        corners=lambda x, with_derivative: TorchCorners(*corners_fn(x, with_derivative)),
+        interpolate=lambda table, c: interpolate_fn(table, c.rows, c.weights),
+        interpolate_backward=lambda n_rows, c, g: interpolate_backward_fn(n_rows, c.rows, c.weights, g),
+        table_jvp=lambda g, table, c: table_jvp_fn(g, table, c.rows, c.dweights),
+        table_jvp_backward=lambda ggx, g, table, c: table_jvp_backward_fn(ggx, g, table, c.rows, c.dweights),
+    )
+
+
+def make_cpp_kernels(levels: GridLevels) -> Kernels:
+    """The cpp backend's kernels (encoder/csrc/hashgrid_cpu.cpp): fused C++ loops that take the
+    points x [N, 3] (float32, CPU) as the corners handle and recompute each point's corner rows
+    and trilinear weights with the same maths as `corner_rows_and_weights`. Scatters run in
+    parallel over levels (no atomics): results are deterministic. Raises RuntimeError saying why
+    when the extension cannot be built here (start-up checks that first: `choose_backend`)."""
+    from encoder import hashgrid_cpp
+
+    ext = hashgrid_cpp.extension()
+    if ext is None:
+        raise RuntimeError(f"the hash grid's C++ kernels are not available: {hashgrid_cpp.build_error()}")
+    constants = (list(levels.scales), list(levels.resolutions), list(levels.sizes), list(levels.offsets),
+                 list(levels.dense))
+    return Kernels(
+        corners=lambda x, with_derivative: x.contiguous(),  # [N, 3]
+        interpolate=lambda table, x: ext.forward(table.contiguous(), x, *constants),
+        interpolate_backward=lambda n_rows, x, g: ext.interpolate_backward(n_rows, x, g, *constants),
+        table_jvp=lambda g, table, x: ext.table_jvp(x, g, table.contiguous(), *constants),
+        table_jvp_backward=lambda ggx, g, table, x: tuple(
+            ext.table_jvp_backward(x, ggx, g, table.contiguous(), *constants)
+        ),
+    )
 
 
 class _InterpolateTable(torch.autograd.Function):
     """out[l, n, f] = sum_c w[l, n, c] * table[rows[l, n, c], f]  (differentiable in table)."""
 
     @staticmethod
-    def forward(ctx, table, rows, weights, kernels):
-        ctx.save_for_backward(rows, weights)
-        ctx.n_table_rows, ctx.kernels = table.shape[0], kernels
-        return kernels.interpolate(table, rows, weights)  # [L, N, F]
+    def forward(ctx, table, corners, kernels):
+        ctx.corners, ctx.n_table_rows, ctx.kernels = corners, table.shape[0], kernels
+        return kernels.interpolate(table, corners)  # [L, N, F]
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: [L, N, F]
-        rows, weights = ctx.saved_tensors
-        grad_table = ctx.kernels.interpolate_backward(ctx.n_table_rows, rows, weights, grad_out.contiguous())
-        return grad_table, None, None, None
+        grad_table = ctx.kernels.interpolate_backward(ctx.n_table_rows, ctx.corners, grad_out.contiguous())
+        return grad_table, None, None
 
 
 class _SpatialGradient(torch.autograd.Function):
@@ -246,16 +294,14 @@ class _SpatialGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, table_ref, rows, dweights, kernels):
+    def forward(ctx, x, table_ref, corners, kernels, out_shape):
         (table,) = table_ref
-        ctx.table, ctx.rows, ctx.dweights, ctx.kernels = table, rows, dweights, kernels
-        return x.new_zeros(rows.shape[0], rows.shape[1], table.shape[1])  # [L, N, F]
+        ctx.table, ctx.corners, ctx.kernels = table, corners, kernels
+        return x.new_zeros(out_shape)  # [L, N, F]
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: [L, N, F]
-        grad_x = _TableJacobianVectorProduct.apply(
-            grad_out.contiguous(), ctx.table, ctx.rows, ctx.dweights, ctx.kernels
-        )
+        grad_x = _TableJacobianVectorProduct.apply(grad_out.contiguous(), ctx.table, ctx.corners, ctx.kernels)
         return grad_x, None, None, None, None
 
 
@@ -264,16 +310,16 @@ class _TableJacobianVectorProduct(torch.autograd.Function):
     which is what the eikonal loss needs."""
 
     @staticmethod
-    def forward(ctx, g, table, rows, dweights, kernels):
-        ctx.save_for_backward(g, table, rows, dweights)
-        ctx.kernels = kernels
-        return kernels.table_jvp(g, table, rows, dweights)  # [N, 3]
+    def forward(ctx, g, table, corners, kernels):
+        ctx.save_for_backward(g, table)
+        ctx.corners, ctx.kernels = corners, kernels
+        return kernels.table_jvp(g, table, corners)  # [N, 3]
 
     @staticmethod
     def backward(ctx, grad_grad_x):  # [N, 3]
-        g, table, rows, dweights = ctx.saved_tensors
-        grad_g, grad_table = ctx.kernels.table_jvp_backward(grad_grad_x.contiguous(), g, table, rows, dweights)
-        return grad_g, grad_table, None, None, None
+        g, table = ctx.saved_tensors
+        grad_g, grad_table = ctx.kernels.table_jvp_backward(grad_grad_x.contiguous(), g, table, ctx.corners)
+        return grad_g, grad_table, None, None
 
 
 def hash_grid_encode(x: torch.Tensor, table: torch.Tensor, kernels: Kernels) -> torch.Tensor:
@@ -284,10 +330,10 @@ def hash_grid_encode(x: torch.Tensor, table: torch.Tensor, kernels: Kernels) -> 
     """
     n_points = x.shape[0]
     needs_dx = x.requires_grad and torch.is_grad_enabled()
-    rows, weights, dweights = kernels.corners(x.detach(), needs_dx)
-    out = _InterpolateTable.apply(table, rows, weights, kernels)  # [L, N, F]
+    corners = kernels.corners(x.detach(), needs_dx)
+    out = _InterpolateTable.apply(table, corners, kernels)  # [L, N, F]
     if needs_dx:
-        out = out + _SpatialGradient.apply(x, (table,), rows, dweights, kernels)
+        out = out + _SpatialGradient.apply(x, (table,), corners, kernels, out.shape)
     return out.permute(1, 0, 2).reshape(n_points, out.shape[0] * out.shape[2])  # [N, L * F]
 
 
@@ -303,9 +349,37 @@ def tcnn_import_error() -> Optional[str]:
     return None
 
 
+def cpp_build_error() -> Optional[str]:
+    """None when the C++ kernels build or load here (encoder/hashgrid_cpp.py), else why not."""
+    from encoder import hashgrid_cpp
+
+    return hashgrid_cpp.build_error()
+
+
+CPP_BUILD = "python -m encoder.hashgrid_cpp"
+
+
 def choose_backend(requested: str, device: torch.device) -> str:
-    """auto | torch | tcnn -> the backend that runs: tcnn only on CUDA with tinycudann importable
-    (auto falls back to torch); an explicit tcnn that cannot run raises ConfigError saying why."""
+    """auto | torch | tcnn | cpp -> the backend that runs. auto: tcnn on CUDA when tinycudann
+    imports, cpp on a CPU device when its C++ kernels build (or are built), else torch. An
+    explicit tcnn or cpp that cannot run raises ConfigError saying why."""
+    if requested == "cpp":
+        if device.type != "cpu":
+            raise ConfigError(
+                f"backend 'cpp' runs C++ CPU kernels, but this run's device is {device.type}; "
+                "set backend: auto (tcnn where it imports) or torch"
+            )
+        reason = cpp_build_error()
+        if reason is not None:
+            raise ConfigError(
+                f"backend 'cpp' needs the hash grid's C++ kernels, which do not build here ({reason}); build them "
+                f"with `{CPP_BUILD}` (needs g++ and ninja), or set backend: torch"
+            )
+        return "cpp"
+    if requested == "auto" and device.type == "cpu" and cpp_build_error() is None:
+        return "cpp"
+    if requested not in ("auto", "torch", "tcnn"):
+        raise ConfigError(f"hash grid backend must be auto, torch, tcnn or cpp, got '{requested}'")
     return choose_cuda_backend(
         requested, device, "hash grid", "tcnn", tcnn_import_error,
         f"backend 'tcnn' runs tiny-cuda-nn's CUDA kernels, but this run's device is {device.type}; "
@@ -317,7 +391,7 @@ def choose_backend(requested: str, device: torch.device) -> str:
 
 
 def resolved_backend(backend: str) -> str:
-    """The backend a built grid runs: what start-up resolved (torch | tcnn); `auto` left unresolved
+    """The backend a built grid runs: what start-up resolved (torch | tcnn | cpp); `auto` left unresolved
     (a grid built outside a run) is the torch reference. Nothing is checked or chosen here."""
     return "torch" if backend == "auto" else backend
 
@@ -366,8 +440,8 @@ class HashGrid(Configurable, nn.Module):
         log2_hashmap_size: int = 19
         base_resolution: int = 16
         per_level_scale: float = 1.447269237440378
-        backend: Literal["auto", "torch", "tcnn"] = "auto"  # tcnn: CUDA
-        compile: bool = False  # torch backend: run its kernels through torch.compile (several times faster)
+        backend: Literal["auto", "torch", "tcnn", "cpp"] = "auto"  # tcnn: CUDA; cpp: C++ CPU kernels
+        compile: bool = False  # torch backend only (cpp ignores it): run its kernels through torch.compile
         # progressive band mask: start_level active levels, one more every update_steps after start_step
         start_level: int = 4
         start_step: int = 0
@@ -415,7 +489,10 @@ class HashGrid(Configurable, nn.Module):
             self.register_load_state_dict_pre_hook(_table_as_tcnn_params)
         else:
             self.table = nn.Parameter(table)
-            self.kernels = make_kernels(self.levels, config.compile)
+            if self.backend == "cpp":
+                self.kernels = make_cpp_kernels(self.levels)  # `compile` is the torch backend's
+            else:
+                self.kernels = make_kernels(self.levels, config.compile)
 
     def update_step(self, global_step: int) -> None:
         c = self.config

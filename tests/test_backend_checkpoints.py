@@ -1,5 +1,6 @@
 """Checkpoints move between the torch and tcnn hash-grid backends: a run trained with tcnn on a
-GPU tests, meshes and resumes with the torch backend (a CPU machine), and back.
+GPU tests, meshes and resumes with the torch backend (a CPU machine), and back. The same holds
+for the C++ CPU backend (cpp), tested at the end where its kernels build.
 
 tinycudann needs CUDA, so here `FakeEncoding` stands in for `tinycudann.Encoding`: its interface
 (a flat float32 `params` Parameter of tcnn's size, `n_output_dims`, a forward in the requested
@@ -18,7 +19,7 @@ from torch import nn
 
 import encoder.hashgrid
 import systems.backends
-from encoder.hashgrid import GridLevels, HashGrid, hash_grid_encode, make_kernels
+from encoder.hashgrid import GridLevels, HashGrid, cpp_build_error, hash_grid_encode, make_kernels
 from tests.test_reliability import build_system
 from utils.checkpoint import load_checkpoint
 
@@ -161,5 +162,46 @@ def test_a_tcnn_checkpoint_meshes_with_the_torch_backend(fake_tcnn, scene, tmp_p
     x = torch.rand(200, 3) * 2.0 - 1.0  # [200, 3] in the unit cube around the object
     with torch.no_grad():
         torch.testing.assert_close(torch_system.model.mesh_sdf(x), tcnn_system.model.mesh_sdf(x), rtol=0, atol=0)
+    paths = torch_system.export_mesh()
+    assert paths and all(p.startswith(str(tmp_path / "b")) for p in paths)
+
+
+CPP = "model.geometry.xyz_encoding.backend=cpp"
+CPP_ERROR = cpp_build_error()
+needs_cpp = pytest.mark.skipif(CPP_ERROR is not None, reason=f"C++ kernels do not build here: {CPP_ERROR}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("trained_with, resumed_with", [(CPP, TORCH), (TORCH, CPP)])
+def test_a_checkpoint_resumes_across_the_cpp_and_torch_backends(scene, tmp_path, trained_with, resumed_with):
+    """A cpp checkpoint resumes under torch and back: the same keys and shapes (the [T, F] table and
+    its Adam moments), and one more step lands where the checkpoint's own backend lands, up to
+    float32 summation order (the two backends add the same terms in different orders)."""
+    checkpoint = trained_checkpoint(scene, tmp_path / "trained", trained_with)
+    same = one_step_from(scene, tmp_path / "same", trained_with, checkpoint)
+    other = one_step_from(scene, tmp_path / "other", resumed_with, checkpoint)
+    assert {same.model.geometry.encoding.backend, other.model.geometry.encoding.backend} == {"cpp", "torch"}
+    same_state, other_state = same.model.state_dict(), other.model.state_dict()
+    assert same_state.keys() == other_state.keys()
+    for key in same_state:
+        torch.testing.assert_close(other_state[key], same_state[key], rtol=1e-4, atol=1e-5, msg=key)
+    for group_same, group_other in zip(same.optimizer.param_groups, other.optimizer.param_groups):
+        for p, q in zip(group_same["params"], group_other["params"]):
+            assert p.shape == q.shape
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert same.optimizer.state[p][key].shape == other.optimizer.state[q][key].shape
+
+
+@needs_cpp
+def test_a_cpp_checkpoint_meshes_with_the_torch_backend(scene, tmp_path):
+    checkpoint = trained_checkpoint(scene, tmp_path / "trained", CPP)
+    cpp_system = build_system(scene, tmp_path / "a", CPP)
+    cpp_system.load(checkpoint)
+    torch_system = build_system(scene, tmp_path / "b", TORCH)
+    torch_system.load(checkpoint)
+    assert cpp_system.model.geometry.encoding.backend == "cpp"
+    x = torch.rand(200, 3) * 2.0 - 1.0  # [200, 3] in the unit cube around the object
+    with torch.no_grad():
+        torch.testing.assert_close(torch_system.model.mesh_sdf(x), cpp_system.model.mesh_sdf(x), rtol=1e-5, atol=1e-6)
     paths = torch_system.export_mesh()
     assert paths and all(p.startswith(str(tmp_path / "b")) for p in paths)

@@ -1,4 +1,5 @@
-"""Which backends run, chosen once at start-up: auto is torch on CPU (logged once and recorded),
+"""Which backends run, chosen once at start-up: auto is the C++ hash grid (or torch where it does
+not build) and the torch sampler on CPU (logged once and recorded),
 the built components run what was recorded, CUDA-only requests are refused on CPU naming the
 key and the fix, and on a CUDA device (availability checks faked) the choice follows what is
 installed."""
@@ -10,7 +11,7 @@ import yaml
 
 import encoder.hashgrid
 import models.occupancy
-from encoder.hashgrid import TCNN_INSTALL, choose_backend
+from encoder.hashgrid import CPP_BUILD, TCNN_INSTALL, choose_backend, cpp_build_error
 from models.occupancy import choose_occupancy_backend, nerfacc_cuda_error
 from models.rendering import NERFACC_OPS, TORCH_OPS
 from systems.backends import choose_precision
@@ -24,17 +25,18 @@ def trial_dir(outputs) -> str:
     return path
 
 
-def test_auto_is_torch_on_cpu_logged_once_and_recorded(scene, tmp_path, capsys):
+def test_auto_on_cpu_is_logged_once_and_recorded(scene, tmp_path, capsys):
     outputs = tmp_path / "outputs"
     code, err = run_main(capsys, "--train", "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY,
                          "trainer.max_steps=2")
     assert code == 0, err[-3000:]
-    expected = {"model.geometry.xyz_encoding.backend": "torch", "model.sampler.backend": "torch",
+    grid = "cpp" if cpp_build_error() is None else "torch"
+    expected = {"model.geometry.xyz_encoding.backend": grid, "model.sampler.backend": "torch",
                 "trainer.precision": "fp32"}
     trial = trial_dir(outputs)
     with open(os.path.join(trial, "config", "backends.yaml")) as f:
         assert yaml.safe_load(f) == expected
-    line = "backends: model.geometry.xyz_encoding.backend=torch, model.sampler.backend=torch, trainer.precision=fp32"
+    line = f"backends: model.geometry.xyz_encoding.backend={grid}, model.sampler.backend=torch, trainer.precision=fp32"
     assert [ln for ln in err.splitlines() if "backends:" in ln] == [ln for ln in err.splitlines() if line in ln]
     assert len([ln for ln in err.splitlines() if "backends:" in ln]) == 1
     with open(os.path.join(trial, "train.log")) as f:
@@ -105,6 +107,35 @@ def test_choices_on_a_cuda_device_follow_what_is_installed(monkeypatch):
 
     assert choose_precision("auto", cuda) == choose_precision("fp16-mixed", cuda) == "fp16-mixed"
     assert choose_precision("auto", torch.device("cpu")) == choose_precision("fp32", cuda) == "fp32"
+
+
+def test_the_cpp_hash_grid_runs_on_cpu_where_it_builds(monkeypatch):
+    """auto takes cpp on a CPU device when the C++ kernels build, torch when they do not (faked);
+    an explicit cpp on CUDA, or where it cannot build, is refused saying why; auto on CUDA never
+    takes cpp."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(encoder.hashgrid, "cpp_build_error", lambda: None)
+    assert choose_backend("auto", cpu) == choose_backend("cpp", cpu) == "cpp"
+    assert choose_backend("torch", cpu) == "torch"
+    monkeypatch.setattr(encoder.hashgrid, "tcnn_import_error", lambda: "ImportError: No module named 'tinycudann'")
+    assert choose_backend("auto", cuda) == "torch"
+    with pytest.raises(ConfigError, match="'cpp' runs C\\+\\+ CPU kernels, but this run's device is cuda"):
+        choose_backend("cpp", cuda)
+    monkeypatch.setattr(encoder.hashgrid, "cpp_build_error", lambda: "RuntimeError: Ninja is required")
+    assert choose_backend("auto", cpu) == "torch"
+    with pytest.raises(ConfigError) as error:
+        choose_backend("cpp", cpu)
+    for part in ("'cpp'", "Ninja is required", CPP_BUILD, "or set backend: torch"):
+        assert part in str(error.value)
+
+
+def test_an_unbuildable_cpp_request_is_refused_at_start_up(monkeypatch, scene, tmp_path, capsys):
+    monkeypatch.setattr(encoder.hashgrid, "cpp_build_error", lambda: "RuntimeError: no compiler")
+    outputs = tmp_path / "outputs"
+    code, err = run_main(capsys, "--train", "--outputs_dir", str(outputs), f"dataset.root_dir={scene}", *TINY,
+                         "model.geometry.xyz_encoding.backend=cpp")
+    assert_refused_at_start_up(code, err, ["config error:", "model.geometry.xyz_encoding.backend", "'cpp'",
+                                           "no compiler", CPP_BUILD, "or set backend: torch"], outputs)
 
 
 def test_nerfacc_availability_names_what_is_missing(monkeypatch):
