@@ -359,8 +359,8 @@ class Trainer:
         while self.global_step < cfg.max_steps:
             result = self.step()
             if self.global_step == first_step + 1:
-                log.info("first step done %.1f s after the command started (the step itself: %.1f s, "
-                         "most of it compiling the hash grid's kernels when compile is on)",
+                log.info("first step done %.1f s after the command started (the step itself took %.1f s: with "
+                         "compile: true most of it is torch.compile; the occupancy grid's warm-up update is in it)",
                          process_age(), result.stats.get("seconds_per_step", float("nan")))
             bar.update(1)
             for callback in self.step_callbacks:
