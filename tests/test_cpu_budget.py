@@ -9,9 +9,9 @@ CONFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_estimate_is_proportional_to_samples_steps_and_levels():
     config = load_config(os.path.join(CONFS, "neus-dtu-wmask-cpu.yaml"))
-    # 3500 steps x 16384 samples x 0.254 s / 16384 samples (12 levels, 2 threads) = 889 s
-    assert abs(estimated_cpu_seconds(config, threads=2) - 889.0) < 1e-6
-    assert abs(estimated_cpu_seconds(config, threads=4) - 444.5) < 1e-6
+    # 2500 steps x 16384 samples x 0.254 s / 16384 samples (12 levels, 2 threads) = 635 s
+    assert abs(estimated_cpu_seconds(config, threads=2) - 635.0) < 1e-6
+    assert abs(estimated_cpu_seconds(config, threads=4) - 317.5) < 1e-6  # 635 x 2 / 4 threads
 
 
 def test_gpu_config_on_cpu_warns_with_time_and_cpu_variant():
