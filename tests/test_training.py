@@ -173,7 +173,7 @@ def test_run_py_end_to_end_and_resume(dtu_root, tmp_path):
     assert "step 5/5" in log_text and "ckpt_000005.pth" in log_text
     parsed = OmegaConf.load(os.path.join(trial, "config", "parsed.yaml"))
     assert parsed.trainer.max_steps == 5 and parsed.dataset.img_downscale == 8
-    assert parsed.system.scheduler.gamma == pytest.approx(0.1 ** (1.0 / (5 - 500)))
+    assert parsed.system.scheduler.gamma == pytest.approx(0.1 ** (1.0 / (5 - 100)))  # decay_start 100 (the CPU config)
     raw = OmegaConf.to_container(OmegaConf.load(os.path.join(trial, "config", "raw.yaml")), resolve=False)
     assert raw["system"]["scheduler"]["gamma"].startswith("${calc_exp_lr_decay_rate:")
     assert raw["trainer"]["max_steps"] == 5
