@@ -22,6 +22,22 @@ def uv_to_texel(uv: np.ndarray, size: int) -> np.ndarray:
     return np.stack([uv[..., 0] * size, (1.0 - uv[..., 1]) * size], axis=-1)
 
 
+def box_groups(order: np.ndarray, extent: np.ndarray, budget: int):
+    """Consecutive groups of `order` (triangle ids sorted by box area) whose boxes, padded to the
+    group's largest width and height, hold at most `budget` pixels together (a single box may be
+    larger) -> yields (group ids [G], box [2]). extent: [F, 2] box widths and heights."""
+    start = 0
+    while start < len(order):
+        first = extent[order[start]]
+        stop = min(len(order), start + max(1, budget // int(first[0] * first[1])))
+        box = extent[order[start:stop]].max(axis=0)
+        while stop - start > 1 and (stop - start) * box[0] * box[1] > budget:
+            stop = start + (stop - start) // 2
+            box = extent[order[start:stop]].max(axis=0)
+        yield order[start:stop], box
+        start = stop
+
+
 def rasterize_atlas(
     uv: np.ndarray, faces: np.ndarray, size: int, margin: float = EDGE_MARGIN, budget: int = 1 << 22
 ) -> Tuple[np.ndarray, np.ndarray]:
@@ -53,17 +69,7 @@ def rasterize_atlas(
     order = np.argsort(extent[:, 0] * extent[:, 1], kind="stable")
     order = order[valid[order]]
     best_score = np.full(n_texels, -np.inf, dtype=np.float32)
-    start = 0
-    while start < len(order):
-        # a group of similar boxes, padded to their largest width and height, within budget
-        first = extent[order[start]]
-        stop = min(len(order), start + max(1, budget // int(first[0] * first[1])))
-        box = extent[order[start:stop]].max(axis=0)
-        while stop - start > 1 and (stop - start) * box[0] * box[1] > budget:
-            stop = start + (stop - start) // 2
-            box = extent[order[start:stop]].max(axis=0)
-        group = order[start:stop]
-        start = stop
+    for group, box in box_groups(order, extent, budget):
         _rasterize_group(corners[group], area2[group], lo[group], extent[group], box, group, size, margin,
                          face_id, bary_out, best_score)
     return face_id.reshape(size, size), bary_out.reshape(size, size, 3)
@@ -244,16 +250,7 @@ def depth_map(uv: np.ndarray, z: np.ndarray, faces: np.ndarray, width: int, heig
     extent = hi - lo + 1
     order = np.flatnonzero(valid)
     order = order[np.argsort(extent[order, 0] * extent[order, 1], kind="stable")]
-    start = 0
-    while start < len(order):
-        first = extent[order[start]]
-        stop = min(len(order), start + max(1, budget // int(first[0] * first[1])))
-        box = extent[order[start:stop]].max(axis=0)
-        while stop - start > 1 and (stop - start) * box[0] * box[1] > budget:
-            stop = start + (stop - start) // 2
-            box = extent[order[start:stop]].max(axis=0)
-        group = order[start:stop]
-        start = stop
+    for group, box in box_groups(order, extent, budget):
         ox, oy = np.meshgrid(np.arange(box[0]), np.arange(box[1]), indexing="xy")
         ox, oy = ox.reshape(1, -1), oy.reshape(1, -1)  # [1, K]
         pu, pv = lo[group, :1] + ox, lo[group, 1:] + oy  # [G, K] pixel centres
