@@ -4,19 +4,18 @@ Points with |x| > radius are contracted so that infinity lands on radius 2 (in u
 foreground radius); a small hash grid + MLP gives density (trunc_exp) and colour there.
 Samples run from the ray's far intersection with the foreground sphere to `far_plane`,
 uniform in disparity (so spacing grows with distance), and are kept only in cells of an
-occupancy grid over the contracted cube [-2, 2]^3 (nerfacc's OccGridEstimator holds and
-updates it on every device; the marching itself is plain torch and cheap).
+occupancy grid over the contracted cube [-2, 2]^3 (models/occupancy.py: CellGrid, the foreground's grid class; it
+holds and updates it on every device; the marching itself is plain torch and cheap).
 """
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
-import nerfacc
 import torch
 from torch import nn
 
 from encoder import encoding_field, get_encoding
 from models.network import make_mlp
-from models.occupancy import update_estimator
+from models.occupancy import CellGrid
 from models.rendering import density_alpha, visible_samples
 from utils.config import Configurable
 
@@ -85,6 +84,12 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return TruncExp.apply(x)
 
 
+def _rename_estimator_keys(state_dict, prefix, *_):
+    """background.estimator.* (older checkpoints) -> background.grid.estimator.*"""
+    for key in [k for k in state_dict if k.startswith(prefix + "estimator.")]:
+        state_dict[prefix + "grid." + key[len(prefix):]] = state_dict.pop(key)
+
+
 class BackgroundField(Configurable, nn.Module):
     """Density and colour of the contracted background, with its own sampler."""
 
@@ -123,9 +128,10 @@ class BackgroundField(Configurable, nn.Module):
         dims = [config.feature_dim + self.dir_encoding.n_output_dims]
         dims += [config.n_neurons] * config.color_hidden_layers + [3]
         self.color_mlp = make_mlp(dims, nn.ReLU(inplace=True), False, output_activation=nn.Sigmoid())
-        self.estimator = nerfacc.OccGridEstimator(
-            roi_aabb=[-2.0] * 3 + [2.0] * 3, resolution=config.grid_resolution, levels=1
-        )
+        self.grid = CellGrid([-2.0] * 3 + [2.0] * 3, config.grid_resolution, config.update_every, config.ema_decay,
+                             config.warmup_steps, config.occ_threshold)
+        # checkpoints written before the grid was a CellGrid hold background.estimator.*
+        self._register_load_state_dict_pre_hook(_rename_estimator_keys)
 
     def set_step(self, global_step: int) -> None:
         if hasattr(self.encoding, "update_step"):
@@ -159,8 +165,7 @@ class BackgroundField(Configurable, nn.Module):
             dt = self.radius / (c.n_samples * (2.0 - r_c) ** 2)  # [N]
             return density_alpha(self.density(x_c)[0], dt)
 
-        return update_estimator(self.estimator, step, occupancy, c.update_every, c.occ_threshold, c.ema_decay,
-                                c.warmup_steps)
+        return self.grid.update(step, occupancy)
 
     @torch.no_grad()
     def sample(self, rays_o: torch.Tensor, rays_d: torch.Tensor, stratified: bool) -> Dict[str, torch.Tensor]:
@@ -174,10 +179,7 @@ class BackgroundField(Configurable, nn.Module):
         t_lo, t_hi, t_sample, s_lo = disparity_intervals(t_exit.clamp(min=1e-3), c.far_plane * self.radius,
                                                           c.n_samples, stratified)  # [n_rays, n]
         x_c = self.contracted(rays_o[:, None, :] + t_sample[..., None] * rays_d[:, None, :])  # [n_rays, n, 3]
-        res = c.grid_resolution
-        cell = ((x_c + 2.0) * 0.25 * res).long().clamp(0, res - 1)  # [n_rays, n, 3]
-        flat = (cell[..., 0] * res + cell[..., 1]) * res + cell[..., 2]  # [n_rays, n]
-        keep = self.estimator.binaries[0].reshape(-1)[flat]  # [n_rays, n]
+        keep = self.grid.occupied(x_c)  # [n_rays, n]
         ray_indices, k = torch.nonzero(keep, as_tuple=True)  # sorted by ray
         samples = {
             "ray_indices": ray_indices,

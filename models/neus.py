@@ -1,4 +1,5 @@
 """NeuS: an SDF, a colour field and a learned sharpness, rendered with occupancy-grid sampling."""
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -8,11 +9,16 @@ from torch.profiler import record_function
 
 from models.background import BackgroundField, ray_sphere_intersect
 from models.network import ColorNetwork, SDFNetwork, VarianceNetwork, normalize
-from models.occupancy import OccupancyGrid
+from models.occupancy import OccupancyGrid, alpha_reach, screened_sdf
 from models.registry import MODELS
 from models.rendering import composite_background, density_alpha, neus_alpha, packed_ops
 from utils.config import Configurable
 from utils.misc import map_in_chunks
+
+# a whole-grid occupancy update (the warm-up) evaluates the sdf only near the surface, found on a
+# lattice of this many cells a side, for a field of at most this Lipschitz constant
+SCREEN_RESOLUTION = 32
+SCREEN_LIPSCHITZ = 1.5
 
 
 def chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -74,19 +80,36 @@ class NeuSModel(Configurable, nn.Module):
 
     def update_occupancy(self, global_step: int) -> List[torch.Tensor]:
         """The occupancy grids' periodic EMA updates (training only) -> the tensors they changed."""
-        changed = self.occupancy.update(global_step, self.occupancy_alpha)
+        screen = self.occupancy.evaluates_all_cells(global_step)
+        changed = self.occupancy.update(global_step, lambda x: self.occupancy_alpha(x, screen))
         if self.background is not None:
             changed += self.background.update_occupancy(global_step)
         return changed
 
     @torch.no_grad()
-    def occupancy_alpha(self, x: torch.Tensor) -> torch.Tensor:
+    def occupancy_alpha(self, x: torch.Tensor, screen: bool = False) -> torch.Tensor:
         """NeuS alpha of one marching step taken head-on at x, zero deeper inside than
-        sampler.shell_width (when set): [N, 3] -> [N]"""
-        sdf = chunked(self.geometry.sdf, x, self.config.occupancy_chunk)  # [N]
-        head_on = torch.full_like(sdf, -1.0)
-        alpha = neus_alpha(sdf, head_on, torch.full_like(sdf, self.config.render_step_size), self.variance.inv_s())
+        sampler.shell_width (when set): [N, 3] -> [N].
+        screen (a whole-grid update): the sdf is evaluated only where a coarse lattice says the
+        alpha may reach the grid's threshold (models/occupancy.py: screened_sdf); the SDF is
+        taken to be SCREEN_LIPSCHITZ-Lipschitz (the sphere init is 1-Lipschitz, the eikonal loss
+        keeps it near 1)."""
+        inv_s, step = self.variance.inv_s(), self.config.render_step_size
+
+        def head_on_alpha(sdf: torch.Tensor) -> torch.Tensor:
+            return neus_alpha(sdf, torch.full_like(sdf, -1.0), torch.full_like(sdf, step), inv_s)
+
+        def sdf_fn(points: torch.Tensor) -> torch.Tensor:
+            return chunked(self.geometry.sdf, points, self.config.occupancy_chunk)
+
         shell = self.config.sampler.shell_width
+        if screen:
+            reach = alpha_reach(head_on_alpha, self.config.sampler.occ_threshold, 2.0 * self.config.radius)
+            band = (-shell if shell > 0 else -math.inf, reach)
+            sdf = screened_sdf(sdf_fn, x, self.occupancy.aabb, SCREEN_RESOLUTION, band, SCREEN_LIPSCHITZ)  # [N]
+        else:
+            sdf = sdf_fn(x)  # [N]
+        alpha = head_on_alpha(sdf)  # [N]
         return alpha * (sdf > -shell) if shell > 0 else alpha
 
     def mesh_sdf(self, x: torch.Tensor) -> torch.Tensor:

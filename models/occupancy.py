@@ -36,6 +36,17 @@ def ray_aabb_intersect(
     return t_near, t_far, t_far > t_near
 
 
+def occupied_at(x: torch.Tensor, binaries: torch.Tensor, aabb: torch.Tensor) -> torch.Tensor:
+    """Whether points lie in an occupied cell of `binaries` [res, res, res] over aabb [6]
+    (cell = floor((x - min) / (max - min) * res); outside the box: False). x: [..., 3] -> bool [...]"""
+    res = torch.tensor(binaries.shape, device=x.device)  # [3]
+    cell = ((x - aabb[:3]) / (aabb[3:] - aabb[:3]) * res).floor().long()  # [..., 3]
+    in_grid = ((cell >= 0) & (cell < res)).all(-1)  # [...]
+    cell = torch.minimum(cell.clamp(min=0), res - 1)
+    flat = (cell[..., 0] * res[1] + cell[..., 1]) * res[2] + cell[..., 2]  # [...]
+    return in_grid & binaries.reshape(-1)[flat]
+
+
 def march_rays(
     rays_o: torch.Tensor,
     rays_d: torch.Tensor,
@@ -58,19 +69,67 @@ def march_rays(
     if n_steps == 0:
         empty = torch.zeros(0, device=device)
         return torch.zeros(0, dtype=torch.long, device=device), empty, empty
-    res = torch.tensor(binaries.shape, device=device)  # [3]
     t_starts = t_near[:, None] + step_size * torch.arange(n_steps, device=device)  # [n_rays, K]
     t_mid = t_starts + 0.5 * step_size  # [n_rays, K]
     inside = t_mid < t_far[:, None]  # [n_rays, K]
-    cell = (rays_o[:, None, :] + t_mid[..., None] * rays_d[:, None, :] - aabb[:3]) / (aabb[3:] - aabb[:3])
-    cell = (cell * res).long()  # [n_rays, K, 3]
-    in_grid = ((cell >= 0) & (cell < res)).all(-1)  # [n_rays, K]
-    cell = torch.minimum(cell.clamp(min=0), res - 1)
-    flat = (cell[..., 0] * res[1] + cell[..., 1]) * res[2] + cell[..., 2]  # [n_rays, K]
-    keep = inside & in_grid & binaries.reshape(-1)[flat]  # [n_rays, K]
+    x = rays_o[:, None, :] + t_mid[..., None] * rays_d[:, None, :]  # [n_rays, K, 3]
+    keep = inside & occupied_at(x, binaries, aabb)  # [n_rays, K]
     ray_indices, step_indices = torch.nonzero(keep, as_tuple=True)  # sorted by ray
     t0 = t_starts[ray_indices, step_indices]  # [n_samples]
     return ray_indices, t0, t0 + step_size
+
+
+def clip_to_box(rays_o: torch.Tensor, rays_d: torch.Tensor, t_near: torch.Tensor, t_far: torch.Tensor,
+                box: torch.Tensor, step_size: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Marching bounds that skip the whole steps before `box` (the occupied cells' box) and end a
+    step after it, so that march_rays takes the same samples t_near + k step (the same lattice) that
+    it keeps without the box, from a shorter span. A ray that misses the box gets t_far < t_near.
+    rays_o, rays_d: [n_rays, 3]; t_near, t_far: [n_rays]; box: [6] -> t_near, t_far [n_rays]"""
+    box_near, box_far, _ = ray_aabb_intersect(rays_o, rays_d, box)  # [n_rays]
+    # a sample ending at or before the box's entry has its midpoint outside: skip those
+    skip = torch.floor((box_near - t_near) / step_size).clamp(min=0.0)  # [n_rays]
+    return t_near + skip * step_size, torch.minimum(t_far, box_far + step_size)
+
+
+def alpha_reach(alpha_fn: Callable[[torch.Tensor], torch.Tensor], threshold: float, max_distance: float,
+                n: int = 4097) -> float:
+    """How far outside the surface a head-on alpha stays at or above `threshold`: the smallest d
+    on a grid of n points over [0, max_distance] beyond which alpha_fn(sdf) < threshold
+    (alpha_fn decreasing for sdf >= 0, as NeuS's head-on alpha). max_distance when it never falls.
+    alpha_fn: sdf [n] -> alpha [n]"""
+    d = torch.linspace(0.0, max_distance, n)  # [n]
+    above = torch.nonzero(alpha_fn(d) >= threshold)  # [k, 1]
+    if above.numel() == 0:
+        return 0.0
+    return min(max_distance, float(d[above.max()]) + max_distance / (n - 1))
+
+
+def screened_sdf(sdf_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, aabb: torch.Tensor,
+                 coarse_res: int, band: Tuple[float, float], lipschitz: float) -> torch.Tensor:
+    """sdf_fn(x) where it may lie inside band = (lo, hi), a coarse estimate elsewhere, for far
+    fewer evaluations than sdf_fn(x) when most of x is far from the surface (a whole-grid update).
+
+    The sdf is taken at the centres c of a coarse_res^3 lattice of cells of size h over aabb. For a
+    field of Lipschitz constant L, every x in c's cell has |sdf(x) - sdf(c)| <= L h sqrt(3) / 2 =: m,
+    so where sdf(c) > hi + m or sdf(c) < lo - m the true sdf is outside band as well and sdf(c)
+    stands in for it; the other points are evaluated.
+
+    x: [N, 3] inside aabb [6] -> sdf [N]
+    """
+    lo, hi = band
+    size = aabb[3:] - aabb[:3]  # [3]
+    h = size / coarse_res  # [3]
+    axis = [aabb[i] + (torch.arange(coarse_res, device=x.device) + 0.5) * h[i] for i in range(3)]
+    centres = torch.stack(torch.meshgrid(*axis, indexing="ij"), -1).reshape(-1, 3)  # [coarse_res^3, 3]
+    coarse = sdf_fn(centres)  # [coarse_res^3]
+    margin = lipschitz * float(h.norm()) / 2
+    cell = ((x - aabb[:3]) / h).long().clamp(0, coarse_res - 1)  # [N, 3]
+    estimate = coarse[(cell[:, 0] * coarse_res + cell[:, 1]) * coarse_res + cell[:, 2]]  # [N]
+    near = (estimate <= hi + margin) & (estimate >= lo - margin)  # [N]
+    sdf = estimate.clone()  # [N]
+    if near.any():
+        sdf[near] = sdf_fn(x[near])
+    return sdf
 
 
 def update_estimator(estimator: nerfacc.OccGridEstimator, step: int, occupancy_fn: Callable, every: int,
@@ -84,7 +143,52 @@ def update_estimator(estimator: nerfacc.OccGridEstimator, step: int, occupancy_f
     return [estimator.occs, estimator.binaries]
 
 
-class OccupancyGrid(Configurable, nn.Module):
+class CellGrid(nn.Module):
+    """An occupancy grid over an axis-aligned box, for the foreground (OccupancyGrid) and the
+    contracted background alike: nerfacc's OccGridEstimator (one level) holds the EMA occupancies
+    and binaries; `update` is its periodic EMA update, `occupied` looks points up."""
+
+    def __init__(self, aabb: List[float], resolution: int, update_every: int, ema_decay: float,
+                 warmup_steps: int, threshold: float):
+        super().__init__()
+        self.update_every, self.ema_decay, self.warmup_steps, self.threshold = (
+            update_every, ema_decay, warmup_steps, threshold)
+        self.register_buffer("aabb", torch.tensor(aabb, dtype=torch.float32), persistent=False)  # [6]
+        self.estimator = nerfacc.OccGridEstimator(roi_aabb=aabb, resolution=resolution, levels=1)
+
+    @property
+    def binaries(self) -> torch.Tensor:
+        return self.estimator.binaries[0]  # [res, res, res] bool
+
+    def occupied(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., 3] -> bool [...]: in an occupied cell"""
+        return occupied_at(x, self.binaries, self.aabb)
+
+    def evaluates_all_cells(self, step: int) -> bool:
+        """Whether the update at `step` evaluates every cell (a warm-up update), not a quarter."""
+        return step < self.warmup_steps and step % self.update_every == 0
+
+    def update(self, step: int, occupancy_fn: Callable[[torch.Tensor], torch.Tensor]) -> List[torch.Tensor]:
+        """Every `update_every` steps: occ = max(ema_decay * occ, occupancy_fn(x)) at sampled cells
+        (all of them during warm-up) -> the tensors it changed (EMA occupancies, binaries; [] between
+        updates)."""
+        return update_estimator(self.estimator, step, occupancy_fn, self.update_every, self.threshold,
+                                self.ema_decay, self.warmup_steps)
+
+    def occupied_box(self) -> torch.Tensor:
+        """The box of the occupied cells, [6] (min xyz, max xyz); an empty box when none is."""
+        binaries = self.binaries  # [res, res, res]
+        bounds = torch.zeros(6, device=binaries.device)  # [6] in cells
+        for dim in range(3):
+            other = tuple(d for d in range(3) if d != dim)
+            filled = torch.nonzero(binaries.any(dim=other))[:, 0]  # [k] occupied slabs along dim
+            if filled.numel():
+                bounds[dim], bounds[dim + 3] = filled.min(), filled.max() + 1
+        res = torch.tensor(binaries.shape, device=binaries.device).repeat(2)  # [6]
+        return self.aabb[:3].repeat(2) + bounds / res * (self.aabb[3:] - self.aabb[:3]).repeat(2)
+
+
+class OccupancyGrid(Configurable, CellGrid):
     """Which cells of [-radius, radius]^3 hold surface, and sampling of rays through them."""
 
     @dataclass
@@ -104,24 +208,11 @@ class OccupancyGrid(Configurable, nn.Module):
         backend: Literal["auto", "torch", "nerfacc"] = "auto"  # nerfacc: CUDA
 
     def __init__(self, config: "OccupancyGrid.Config", radius: float):
-        super().__init__()
+        super().__init__([-radius] * 3 + [radius] * 3, config.resolution, config.update_every, config.ema_decay,
+                         config.warmup_steps, config.occ_threshold)
         self.config = config
         # chosen once at start-up (systems/backends.py); a grid built directly with `auto` runs torch
         self.backend = "torch" if config.backend == "auto" else config.backend
-        aabb = [-radius] * 3 + [radius] * 3
-        self.register_buffer("aabb", torch.tensor(aabb, dtype=torch.float32), persistent=False)
-        self.estimator = nerfacc.OccGridEstimator(roi_aabb=aabb, resolution=config.resolution, levels=1)
-
-    @property
-    def binaries(self) -> torch.Tensor:
-        return self.estimator.binaries[0]  # [res, res, res] bool
-
-    def update(self, step: int, occupancy_fn: Callable[[torch.Tensor], torch.Tensor]) -> List[torch.Tensor]:
-        """Every `update_every` steps: occ = max(ema_decay * occ, occupancy_fn(x)) at sampled cells
-        -> the tensors it changed (EMA occupancies, binaries; [] between updates)."""
-        c = self.config
-        return update_estimator(self.estimator, step, occupancy_fn, c.update_every, c.occ_threshold, c.ema_decay,
-                                c.warmup_steps)
 
     @torch.no_grad()
     def sample(
@@ -150,6 +241,7 @@ class OccupancyGrid(Configurable, nn.Module):
         else:
             if stratified:
                 t_near = t_near + torch.rand_like(t_near) * step_size
+            t_near, t_far = clip_to_box(rays_o, rays_d, t_near, t_far, self.occupied_box(), step_size)
             ray_indices, t_starts, t_ends = march_rays(
                 rays_o, rays_d, t_near, t_far, self.binaries, self.aabb, step_size
             )

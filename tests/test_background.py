@@ -144,7 +144,7 @@ def background_field(**overrides):
 
 def test_background_samples_start_where_the_foreground_sphere_ends():
     field = background_field(early_stop_eps=0.0)
-    field.estimator.binaries.fill_(True)
+    field.grid.estimator.binaries.fill_(True)
     rays_o = torch.tensor([[-3.0, 0.0, 0.0], [0.0, -2.0, 0.5], [0.0, 0.0, 5.0]])
     rays_d = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.3, -1.0]]), dim=-1)
     _, t_exit = ray_sphere_intersect(rays_o, rays_d, 1.0)
@@ -164,11 +164,11 @@ def test_background_samples_start_where_the_foreground_sphere_ends():
 
 def test_background_samples_skip_empty_cells():
     field = background_field(early_stop_eps=0.0)
-    field.estimator.binaries.fill_(False)
+    field.grid.estimator.binaries.fill_(False)
     samples = field.sample(torch.tensor([[-3.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]), stratified=True)
     assert samples["ray_indices"].numel() == 0
     res = field.config.grid_resolution
-    field.estimator.binaries[0, res - 1] = True  # the slab of cells at x_c in [2 - 4/res, 2]
+    field.grid.estimator.binaries[0, res - 1] = True  # the slab of cells at x_c in [2 - 4/res, 2]
     samples = field.sample(torch.tensor([[-3.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]), stratified=False)
     x_c = contract(torch.tensor([[-3.0, 0.0, 0.0]]) + samples["t_sample"][:, None] * torch.tensor([[1.0, 0.0, 0.0]]))
     assert samples["ray_indices"].numel() > 0
@@ -237,3 +237,15 @@ def test_mesh_ends_at_the_foreground_sphere(monkeypatch):
     monkeypatch.setattr(model.geometry, "sdf", lambda x: torch.full_like(x[:, 0], -1.0))
     x = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [2.0, 0.0, 0.0], [0.9, 0.9, 0.9]])
     torch.testing.assert_close(model.mesh_sdf(x), torch.tensor([-1.0, -0.5, 1.0, 0.9 * math.sqrt(3) - 1.0]))
+
+
+def test_checkpoints_with_the_old_grid_keys_load():
+    """Checkpoints written before the background grid became a CellGrid hold estimator.* keys:
+    they load into grid.estimator.*, values intact."""
+    field = background_field()
+    state = {k.replace("grid.estimator.", "estimator."): v.clone() for k, v in field.state_dict().items()}
+    assert "estimator.occs" in state and not any(k.startswith("grid.") for k in state)
+    state["estimator.occs"].fill_(0.25)
+    fresh = background_field()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.grid.estimator.occs, torch.full_like(fresh.grid.estimator.occs, 0.25))

@@ -166,7 +166,7 @@ def test_ranks_agree_after_k_steps(two_ranks):
     assert a["state"].keys() == b["state"].keys()
     for key in a["state"]:  # parameters, occupancy grid (occs, binaries), schedules
         torch.testing.assert_close(a["state"][key], b["state"][key], rtol=0, atol=0, msg=key)
-    assert a["state"]["occupancy.estimator.binaries"].any() and a["state"]["background.estimator.binaries"].any()
+    assert a["state"]["occupancy.estimator.binaries"].any() and a["state"]["background.grid.estimator.binaries"].any()
 
 
 def test_a_resumed_two_rank_run_continues_exactly(two_ranks):

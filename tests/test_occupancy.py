@@ -157,3 +157,104 @@ def test_early_stop_drops_samples_behind_the_surface(grid):
     # the cut is where transmittance first falls below early_stop_eps
     trans = exclusive_transmittance(alpha_fn(all_t0, all_t0 + step, all_idx), all_idx, 1)
     assert (trans[: t0.numel()] > 1e-4).all() and trans[t0.numel()] <= 1e-4
+
+
+def test_alpha_reach_of_the_head_on_alpha():
+    """Head-on alpha at inv_s 200, step 1/16: for sdf d > step/2 it is ~ 2 sinh(200/32) e^(-200 d)
+    = 518 e^(-200 d), below 1e-3 beyond d = ln(518000) / 200 = 0.0658."""
+    def alpha(sdf):
+        return neus_alpha(sdf, torch.full_like(sdf, -1.0), torch.full_like(sdf, CELL_STEP), INV_S)
+
+    from models.occupancy import alpha_reach
+
+    assert alpha_reach(alpha, 1e-3, 2.0) == pytest.approx(0.0658, abs=1e-3)
+    assert alpha_reach(alpha, 2.0, 2.0) == 0.0  # alpha never reaches 2
+    assert alpha_reach(lambda d: torch.ones_like(d), 0.5, 2.0) == 2.0  # never falls
+
+
+def test_screened_sdf_evaluates_only_near_the_band():
+    """Sphere |x| - 0.5 on a 4^3 lattice over [-1, 1]^3 (h = 0.5, margin L h sqrt(3) / 2 = 0.433 at
+    L = 1), band (-0.1, 0.1): a point in the corner cell (centre (0.75, 0.75, 0.75), sdf 0.799 >
+    0.533) keeps the coarse value; a point in the cell of centre (0.25, 0.25, 0.25) (sdf -0.067)
+    is evaluated."""
+    from models.occupancy import screened_sdf
+
+    calls = []
+
+    def sdf_fn(x):
+        calls.append(len(x))
+        return sphere_sdf(x)
+
+    aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    x = torch.tensor([[0.9, 0.9, 0.9], [0.3, 0.2, 0.1]])
+    sdf = screened_sdf(sdf_fn, x, aabb, 4, (-0.1, 0.1), 1.0)
+    assert calls == [64, 1]  # the lattice, then the one near point
+    torch.testing.assert_close(sdf, torch.tensor([0.75 * math.sqrt(3) - 0.5, math.sqrt(0.14) - 0.5]))
+
+
+def test_screened_warm_up_update_gives_the_dense_grid(monkeypatch):
+    """A model at its sphere init: the whole-grid update with screening marks exactly the cells the
+    dense evaluation marks (same random points), with fewer sdf evaluations (a 32^3 grid screened
+    on a 16^3 lattice here, to be quick)."""
+    import models.neus
+    from models.neus import NeuSModel
+    from systems.config import load_config
+
+    config = load_config("confs/neus-dtu-wmask-cpu.yaml", [
+        "dataset.root_dir=unused", "model.geometry.xyz_encoding.compile=false", "model.sampler.resolution=32",
+        "model.geometry.xyz_encoding.n_levels=6", "model.geometry.xyz_encoding.log2_hashmap_size=14",
+    ]).model
+    monkeypatch.setattr(models.neus, "SCREEN_RESOLUTION", 16)
+    torch.manual_seed(0)
+    model = NeuSModel(config)
+    dense, screened = [], []
+    evaluated = []
+    sdf = model.geometry.sdf
+    model.geometry.sdf = lambda x: evaluated.append(len(x)) or sdf(x)
+    for screen, out in ((False, dense), (True, screened)):
+        evaluated.clear()
+        torch.manual_seed(1)
+        model.occupancy.estimator.occs.zero_()
+        model.occupancy.update(0, lambda x: model.occupancy_alpha(x, screen))
+        out.extend([model.occupancy.binaries.clone(), sum(evaluated)])
+    assert model.occupancy.evaluates_all_cells(0) and not model.occupancy.evaluates_all_cells(16)
+    assert 0.05 < dense[0].float().mean() < 0.5  # a shell around the init sphere
+    assert torch.equal(dense[0], screened[0])
+    # the init shell holds a quarter of the cells (inv_s 20 is soft), the screen evaluates about half
+    assert dense[1] == 32 ** 3 and screened[1] < 0.7 * dense[1]
+
+
+def test_occupied_box_of_the_sphere_grid(grid):
+    """Occupied cells reach |c| < 0.63 (above): the box is the cells' outer faces, a whole number of
+    cells (1/16) from -0.625..-0.5625 to 0.5625..0.625 on each axis."""
+    box = grid.occupied_box()
+    assert box.shape == (6,)
+    torch.testing.assert_close(box * 16, (box * 16).round())  # on cell faces
+    assert (box[:3] >= -0.625).all() and (box[:3] <= -0.5625).all()
+    assert (box[3:] >= 0.5625).all() and (box[3:] <= 0.625).all()
+    empty = OccupancyGrid(grid.config, radius=1.0)
+    rays_o, rays_d = rays_at_sphere()
+    assert empty.sample(rays_o, rays_d, 1.0 / 64, stratified=False)[0].numel() == 0
+
+
+def test_clipping_to_the_occupied_box_keeps_the_same_samples(grid):
+    """march_rays over the whole aabb and over the box-clipped span keep the same samples (same
+    lattice t_near + k step, stratified offsets included), from a shorter span; a ray that misses
+    the box gets none."""
+    from models.occupancy import clip_to_box, march_rays, ray_aabb_intersect
+
+    torch.manual_seed(3)
+    rays_o, rays_d = rays_at_sphere()
+    rays_o = torch.cat([rays_o, torch.tensor([[0.9, 0.9, -3.0]])])  # misses the box
+    rays_d = torch.cat([rays_d, torch.tensor([[0.0, 0.0, 1.0]])])
+    step = 1.0 / 64
+    t_near, t_far, _ = ray_aabb_intersect(rays_o, rays_d, grid.aabb)
+    t_near = t_near + torch.rand_like(t_near) * step
+    full = march_rays(rays_o, rays_d, t_near, t_far, grid.binaries, grid.aabb, step)
+    c_near, c_far = clip_to_box(rays_o, rays_d, t_near, t_far, grid.occupied_box(), step)
+    clipped = march_rays(rays_o, rays_d, c_near, c_far, grid.binaries, grid.aabb, step)
+    assert full[0].numel() > 500
+    torch.testing.assert_close(clipped[0], full[0])
+    torch.testing.assert_close(clipped[1], full[1])
+    assert (c_far - c_near).max() < 0.65 * (t_far - t_near).max()  # 1.6 (box 1.25 wide) vs 2.8 (cube)
+    assert c_far[-1] <= c_near[-1]
