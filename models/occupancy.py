@@ -64,19 +64,18 @@ def march_rays(
     -> ray_indices [n_samples] int64 (sorted), t_starts [n_samples], t_ends [n_samples]
     """
     device = rays_o.device
-    span = (t_far - t_near).clamp(min=0.0)  # [n_rays]
-    n_steps = int(torch.ceil(span.max() / step_size).item()) if span.numel() else 0
-    if n_steps == 0:
-        empty = torch.zeros(0, device=device)
-        return torch.zeros(0, dtype=torch.long, device=device), empty, empty
-    t_starts = t_near[:, None] + step_size * torch.arange(n_steps, device=device)  # [n_rays, K]
-    t_mid = t_starts + 0.5 * step_size  # [n_rays, K]
-    inside = t_mid < t_far[:, None]  # [n_rays, K]
-    x = rays_o[:, None, :] + t_mid[..., None] * rays_d[:, None, :]  # [n_rays, K, 3]
-    keep = inside & occupied_at(x, binaries, aabb)  # [n_rays, K]
-    ray_indices, step_indices = torch.nonzero(keep, as_tuple=True)  # sorted by ray
-    t0 = t_starts[ray_indices, step_indices]  # [n_samples]
-    return ray_indices, t0, t0 + step_size
+    # each ray's own steps, packed (not n_rays x the longest span): ceil(span / step) of them
+    # covers every k with near + (k + 1/2) step < far
+    n_steps = torch.ceil((t_far - t_near).clamp(min=0.0) / step_size).long()  # [n_rays]
+    ray_of = torch.repeat_interleave(torch.arange(len(n_steps), device=device), n_steps)  # [M] sorted
+    first = torch.cumsum(n_steps, 0) - n_steps  # [n_rays]
+    k = torch.arange(len(ray_of), device=device) - first[ray_of]  # [M] step index along its ray
+    t_starts = t_near[ray_of] + step_size * k  # [M]
+    t_mid = t_starts + 0.5 * step_size  # [M]
+    x = rays_o[ray_of] + t_mid[:, None] * rays_d[ray_of]  # [M, 3]
+    keep = (t_mid < t_far[ray_of]) & occupied_at(x, binaries, aabb)  # [M]
+    t0 = t_starts[keep]  # [n_samples]
+    return ray_of[keep], t0, t0 + step_size
 
 
 def clip_to_box(rays_o: torch.Tensor, rays_d: torch.Tensor, t_near: torch.Tensor, t_far: torch.Tensor,
