@@ -5,7 +5,8 @@
 
 Runs `--warmup` steps first (not timed: the first steps pay for allocation and the occupancy
 grid's warm-up), then times `--steps` steps. With --resume it measures a trained state
-(fewer samples per ray than at the start). --profile prints the top operators.
+(fewer samples per ray than at the start). --profile prints where a step's time goes, the top
+operators, and the matmul FLOP/s against this CPU's measured matmul peak.
 """
 import argparse
 import os
@@ -63,6 +64,33 @@ def profile_table(events, n_steps: int, elapsed: float) -> str:
     return "\n".join(lines)
 
 
+def matmul_peak(n: int = 1024, seconds: float = 1.0) -> float:
+    """This machine's float32 matmul rate in FLOP/s: n x n by n x n products (2 n^3 FLOPs each)
+    for about `seconds`, on torch's threads; the best of three rounds."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(3):
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            torch.mm(a, b)
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def flops_line(events, n_steps: int, elapsed: float, peak: float) -> str:
+    """The matmul FLOPs the profiler counted (linear layers, forward and backward) per step, and
+    what they make of the step's wall time against the machine's matmul peak."""
+    flops = sum(e.flops for e in events if e.flops) / n_steps  # per step
+    matmul_seconds = sum(e.self_cpu_time_total for e in events if e.flops) / 1e6 / n_steps
+    step = elapsed / n_steps
+    return (f"matmul FLOPs: {flops / 1e9:.2f} GFLOP/step; over the whole step {flops / step / 1e9:.2f} GFLOP/s = "
+            f"{flops / step / peak:.1%} of this CPU's measured matmul peak ({peak / 1e9:.1f} GFLOP/s, "
+            f"{torch.get_num_threads()} threads); inside the matmuls {flops / max(matmul_seconds, 1e-9) / 1e9:.1f} "
+            f"GFLOP/s ({matmul_seconds / step:.0%} of the step)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -97,12 +125,13 @@ def main(argv=None) -> int:
             from torch.profiler import profile
 
             n_profiled = 16  # two occupancy updates at update_every 8
-            with profile() as prof:
+            with profile(with_flops=True) as prof:
                 start = time.perf_counter()
                 for _ in range(n_profiled):
                     system.step()
                 elapsed = time.perf_counter() - start
             print(profile_table(prof.key_averages(), n_profiled, elapsed))
+            print(flops_line(prof.key_averages(), n_profiled, elapsed, matmul_peak()))
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     return 0
 

@@ -161,12 +161,15 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
     ax.set_ylabel("silhouette score (all views)")
     ax.set_ylim(max(0.0, min(min(r.get("iou", 1.0) for r in rows) - 0.02, 0.9)), 1.0)
     ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    top = ax
     if all("psnr_masked" in r for r in rows):
-        twin = ax.twinx()
-        twin.plot(seconds, [r["psnr_masked"] for r in rows], "d-", color="tab:red", label="held-out PSNR in mask")
-        twin.set_ylabel("PSNR (dB)", color="tab:red")
-        twin.legend(loc="lower right")
-    ax.legend(loc="lower center")
+        top = ax.twinx()  # drawn over ax: the one legend goes on it
+        top.plot(seconds, [r["psnr_masked"] for r in rows], "d-", color="tab:red", label="held-out PSNR in mask")
+        top.set_ylabel("PSNR (dB)", color="tab:red")
+        more = top.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    top.legend(handles, labels, loc="lower right", fontsize=8, framealpha=0.9)  # one legend, nothing hidden
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
