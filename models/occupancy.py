@@ -1,9 +1,11 @@
-"""Occupancy grid over [-radius, radius]^3 and fixed-step ray marching through it.
+"""Occupancy grids (`CellGrid`: the foreground's over [-radius, radius]^3, the background's over
+its contracted cube) and fixed-step ray marching through the foreground's.
 
-The grid's state and its periodic EMA update are nerfacc's `OccGridEstimator` on every
-device (pure torch, it runs on CPU). Marching is nerfacc's CUDA `sampling` on CUDA with
+A grid's state and its periodic EMA update are nerfacc's `OccGridEstimator` on every device
+(pure torch, it runs on CPU). Marching is nerfacc's CUDA `sampling` on CUDA with
 `backend: nerfacc`, and otherwise `march_rays`, the torch twin written here: samples at
-t = near + k * step whose midpoint falls in an occupied cell, returned packed.
+t = near + k * step whose midpoint falls in an occupied cell, returned packed; each ray marches
+only its own steps, from the first whole step before the occupied cells' box (`clip_to_box`).
 """
 import importlib.util
 import re
