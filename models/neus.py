@@ -104,7 +104,8 @@ class NeuSModel(Configurable, nn.Module):
 
         shell = self.config.sampler.shell_width
         if screen:
-            reach = alpha_reach(head_on_alpha, self.config.sampler.occ_threshold, 2.0 * self.config.radius)
+            reach = alpha_reach(head_on_alpha, self.config.sampler.occ_threshold, 2.0 * self.config.radius,
+                                device=x.device)
             band = (-shell if shell > 0 else -math.inf, reach)
             sdf = screened_sdf(sdf_fn, x, self.occupancy.aabb, SCREEN_RESOLUTION, band, SCREEN_LIPSCHITZ)  # [N]
         else:

@@ -93,12 +93,12 @@ def clip_to_box(rays_o: torch.Tensor, rays_d: torch.Tensor, t_near: torch.Tensor
 
 
 def alpha_reach(alpha_fn: Callable[[torch.Tensor], torch.Tensor], threshold: float, max_distance: float,
-                n: int = 4097) -> float:
+                n: int = 4097, device: Optional[torch.device] = None) -> float:
     """How far outside the surface a head-on alpha stays at or above `threshold`: the smallest d
     on a grid of n points over [0, max_distance] beyond which alpha_fn(sdf) < threshold
     (alpha_fn decreasing for sdf >= 0, as NeuS's head-on alpha). max_distance when it never falls.
-    alpha_fn: sdf [n] -> alpha [n]"""
-    d = torch.linspace(0.0, max_distance, n)  # [n]
+    alpha_fn: sdf [n] (on `device`) -> alpha [n]"""
+    d = torch.linspace(0.0, max_distance, n, device=device)  # [n]
     above = torch.nonzero(alpha_fn(d) >= threshold)  # [k, 1]
     if above.numel() == 0:
         return 0.0
