@@ -38,15 +38,22 @@ def ray_aabb_intersect(
     return t_near, t_far, t_far > t_near
 
 
-def occupied_at(x: torch.Tensor, binaries: torch.Tensor, aabb: torch.Tensor) -> torch.Tensor:
-    """Whether points lie in an occupied cell of `binaries` [res, res, res] over aabb [6]
-    (cell = floor((x - min) / (max - min) * res); outside the box: False). x: [..., 3] -> bool [...]"""
-    res = torch.tensor(binaries.shape, device=x.device)  # [3]
+def cell_index(x: torch.Tensor, aabb: torch.Tensor, shape) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The cell of a grid of `shape` (x, y, z cells) over aabb [6] that holds each point:
+    cell = floor((x - min) / (max - min) * res), as a row-major flat index (clamped into the grid),
+    and whether the point is inside the grid at all. x: [..., 3] -> flat [...] int64, inside [...] bool"""
+    res = torch.tensor(shape, device=x.device)  # [3]
     cell = ((x - aabb[:3]) / (aabb[3:] - aabb[:3]) * res).floor().long()  # [..., 3]
-    in_grid = ((cell >= 0) & (cell < res)).all(-1)  # [...]
+    inside = ((cell >= 0) & (cell < res)).all(-1)  # [...]
     cell = torch.minimum(cell.clamp(min=0), res - 1)
-    flat = (cell[..., 0] * res[1] + cell[..., 1]) * res[2] + cell[..., 2]  # [...]
-    return in_grid & binaries.reshape(-1)[flat]
+    return (cell[..., 0] * res[1] + cell[..., 1]) * res[2] + cell[..., 2], inside
+
+
+def occupied_at(x: torch.Tensor, binaries: torch.Tensor, aabb: torch.Tensor) -> torch.Tensor:
+    """Whether points lie in an occupied cell of `binaries` [res, res, res] over aabb [6] (outside
+    the box: False). x: [..., 3] -> bool [...]"""
+    flat, inside = cell_index(x, aabb, binaries.shape)  # [...]
+    return inside & binaries.reshape(-1)[flat]
 
 
 def march_rays(
@@ -124,24 +131,12 @@ def screened_sdf(sdf_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     centres = torch.stack(torch.meshgrid(*axis, indexing="ij"), -1).reshape(-1, 3)  # [coarse_res^3, 3]
     coarse = sdf_fn(centres)  # [coarse_res^3]
     margin = lipschitz * float(h.norm()) / 2
-    cell = ((x - aabb[:3]) / h).long().clamp(0, coarse_res - 1)  # [N, 3]
-    estimate = coarse[(cell[:, 0] * coarse_res + cell[:, 1]) * coarse_res + cell[:, 2]]  # [N]
+    estimate = coarse[cell_index(x, aabb, (coarse_res,) * 3)[0]]  # [N]
     near = (estimate <= hi + margin) & (estimate >= lo - margin)  # [N]
     sdf = estimate.clone()  # [N]
     if near.any():
         sdf[near] = sdf_fn(x[near])
     return sdf
-
-
-def update_estimator(estimator: nerfacc.OccGridEstimator, step: int, occupancy_fn: Callable, every: int,
-                     threshold: float, ema_decay: float, warmup_steps: int) -> List[torch.Tensor]:
-    """nerfacc's EMA update of `estimator` when step % every == 0 (its update_every_n_steps,
-    with the rule here so that the caller learns what changed) -> [occs, binaries] or []."""
-    if step % every != 0:
-        return []
-    estimator._update(step=step, occ_eval_fn=occupancy_fn, occ_thre=threshold, ema_decay=ema_decay,
-                      warmup_steps=warmup_steps)
-    return [estimator.occs, estimator.binaries]
 
 
 class CellGrid(nn.Module):
@@ -173,8 +168,11 @@ class CellGrid(nn.Module):
         """Every `update_every` steps: occ = max(ema_decay * occ, occupancy_fn(x)) at sampled cells
         (all of them during warm-up) -> the tensors it changed (EMA occupancies, binaries; [] between
         updates)."""
-        return update_estimator(self.estimator, step, occupancy_fn, self.update_every, self.threshold,
-                                self.ema_decay, self.warmup_steps)
+        if step % self.update_every != 0:  # nerfacc's update_every_n_steps, kept here to say what changed
+            return []
+        self.estimator._update(step=step, occ_eval_fn=occupancy_fn, occ_thre=self.threshold,
+                               ema_decay=self.ema_decay, warmup_steps=self.warmup_steps)
+        return [self.estimator.occs, self.estimator.binaries]
 
     def occupied_box(self) -> torch.Tensor:
         """The box of the occupied cells, [6] (min xyz, max xyz); an empty box when none is."""
