@@ -75,75 +75,66 @@ def main(argv=None) -> int:
         dist.shutdown()
 
 
-def run_command(argv=None) -> int:
-    args, overrides = parse_args(argv)
-    from models.occupancy import NERFACC_FIRST_USE
-    from process_data.loading import DatasetError
+def set_up(args, overrides):
+    """Everything that can be wrong with the config, the data or the checkpoint fails here, before
+    anything is written -> config, run paths, the Trainer (from its checkpoint when resuming) and
+    the checkpoint (or None). Raises ConfigError / DatasetError / CheckpointError / DistributedError."""
+    import torch
     from systems import RunPaths, Trainer
-    from systems.trainer import TrainingDiverged, TrainingInterrupted
-    from utils.checkpoint import CheckpointError, resolve_resume
-    from utils import distributed as dist
     from systems.config import load_config
-    from utils.config import ConfigError, load_yaml_chain, parse_overrides
-    from utils.logger import setup_logging
+    from utils import distributed as dist
+    from utils.checkpoint import CheckpointError, resolve_resume
     from utils.misc import resolve_device, seed_everything
 
-    # everything that can be wrong with the config, the data or the checkpoint fails here,
-    # before anything is written
-    setup_logging(None, rank=int(os.environ.get("RANK", "0")))
-    try:
-        config = load_config(args.config, overrides)
-        device = dist.init_from_env(resolve_device(config.device))
-        if args.train and dist.is_main():
-            import torch
-            from systems.cpu_budget import gpu_config_on_cpu_warning
+    config = load_config(args.config, overrides)
+    device = dist.init_from_env(resolve_device(config.device))
+    if args.train and dist.is_main():
+        from systems.cpu_budget import gpu_config_on_cpu_warning
 
-            warning = gpu_config_on_cpu_warning(config, args.config, device.type, torch.get_num_threads())
-            if warning:
-                logging.getLogger("run").warning(warning)
-        runs_dir = os.path.join(args.outputs_dir, config.name)
-        resume = args.resume
-        if resume is None and (args.test or args.mesh or args.view):
-            resume = "last"
-        try:
-            checkpoint = resolve_resume(resume, runs_dir) if resume is not None else None
-        except CheckpointError as e:
-            if args.resume is None:
-                raise CheckpointError(f"--test, --mesh and --view need a trained run: {e}; train first or pass --resume CKPT")
-            raise
-        if checkpoint is not None:
-            trial_dir = trial_dir_of(checkpoint)
-        else:  # rank 0's clock names the trial
-            trial_dir = dist.broadcast_object(
-                os.path.join(runs_dir, f"{config.tag}@{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-            )
-        logs_dir = os.path.join(args.logs_dir, config.name, os.path.basename(trial_dir)) if args.logs_dir else None
-        paths = RunPaths.for_trial(trial_dir, logs_dir)
-        seed_everything(config.seed)  # the same initial parameters on every rank
-        system = Trainer(config, paths, device)
-        if checkpoint is not None:
-            system.load(checkpoint)
-        elif dist.rank() > 0:  # each rank draws its own rays
-            seed_everything(dist.rank_seed(config.seed, dist.rank()))
-    except dist.DistributedError as e:
-        print(f"distributed error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DatasetError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+        warning = gpu_config_on_cpu_warning(config, args.config, device.type, torch.get_num_threads())
+        if warning:
+            logging.getLogger("run").warning(warning)
+    runs_dir = os.path.join(args.outputs_dir, config.name)
+    resume = args.resume
+    if resume is None and (args.test or args.mesh or args.view):
+        resume = "last"
+    try:
+        checkpoint = resolve_resume(resume, runs_dir) if resume is not None else None
     except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 2
+        if args.resume is None:
+            raise CheckpointError(f"--test, --mesh and --view need a trained run: {e}; train first or pass --resume CKPT")
+        raise
+    if checkpoint is not None:
+        trial_dir = trial_dir_of(checkpoint)
+    else:  # rank 0's clock names the trial
+        trial_dir = dist.broadcast_object(
+            os.path.join(runs_dir, f"{config.tag}@{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        )
+    logs_dir = os.path.join(args.logs_dir, config.name, os.path.basename(trial_dir)) if args.logs_dir else None
+    paths = RunPaths.for_trial(trial_dir, logs_dir)
+    seed_everything(config.seed)  # the same initial parameters on every rank
+    system = Trainer(config, paths, device)
+    if checkpoint is not None:
+        system.load(checkpoint)
+    elif dist.rank() > 0:  # each rank draws its own rays
+        seed_everything(dist.rank_seed(config.seed, dist.rank()))
+    return config, paths, system, checkpoint
+
+
+def record_run(args, overrides, config, paths, system, checkpoint) -> logging.Logger:
+    """Rank 0 makes the run folder; the log file, what was resumed and the backends chosen; for a
+    training also the configs (raw, parsed, backends) and a snapshot of the code -> the run's logger."""
+    from models.occupancy import NERFACC_FIRST_USE
+    from utils import distributed as dist
+    from utils.config import load_yaml_chain, parse_overrides
+    from utils.logger import setup_logging
 
     if dist.is_main():  # the one process that writes
         for folder in (paths.trial_dir, paths.ckpt_dir, paths.save_dir, paths.config_dir):
             os.makedirs(folder, exist_ok=True)
     setup_logging(paths.log_file if dist.is_main() else None, rank=dist.rank())
     log = logging.getLogger("run")
-    log.info("run folder: %s", os.path.abspath(trial_dir))
+    log.info("run folder: %s", os.path.abspath(paths.trial_dir))
     if checkpoint is not None:
         log.info("from checkpoint %s (step %d)", checkpoint, system.global_step)
     log.info("backends: %s", ", ".join(f"{key}={value}" for key, value in system.backends.items()))
@@ -157,6 +148,28 @@ def run_command(argv=None) -> int:
             yaml.safe_dump(system.backends, f, sort_keys=False)
         snapshot_code(paths.code_dir)
     dist.barrier()
+    return log
+
+
+def run_command(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    from process_data.loading import DatasetError
+    from systems.trainer import TrainingDiverged, TrainingInterrupted
+    from utils import distributed as dist
+    from utils.checkpoint import CheckpointError
+    from utils.config import ConfigError
+    from utils.logger import setup_logging
+
+    setup_logging(None, rank=int(os.environ.get("RANK", "0")))
+    refusals = ((dist.DistributedError, "distributed error"), (ConfigError, "config error"),
+                (DatasetError, "data error"), (CheckpointError, "checkpoint error"))
+    try:
+        config, paths, system, checkpoint = set_up(args, overrides)
+    except tuple(kind for kind, _ in refusals) as e:
+        prefix = next(name for kind, name in refusals if isinstance(e, kind))
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return 2
+    log = record_run(args, overrides, config, paths, system, checkpoint)
 
     viewer = None
     if dist.is_main() and (args.view or (args.train and config.viewer.enabled)):
@@ -187,7 +200,6 @@ def run_command(argv=None) -> int:
         viewer.show_mesh()
         viewer.serve_forever()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
