@@ -12,13 +12,37 @@ from models.network import ColorNetwork, SDFNetwork, VarianceNetwork, normalize
 from models.occupancy import OccupancyGrid, alpha_reach, screened_sdf
 from models.registry import MODELS
 from models.rendering import composite_background, density_alpha, neus_alpha, packed_ops
-from utils.config import Configurable
+from utils.config import ConfigError, Configurable
 from utils.misc import map_in_chunks
 
 # a whole-grid occupancy update (the warm-up) evaluates the sdf only near the surface, found on a
 # lattice of this many cells a side, for a field of at most this Lipschitz constant
 SCREEN_RESOLUTION = 32
 SCREEN_LIPSCHITZ = 1.5
+
+
+def cos_anneal_ratio(step: int, steps: int, knots: List[List[float]]) -> float:
+    """NeuS's cos-anneal ratio r at a training step: with knots [[step_0, r_0], [step_1, r_1], ...]
+    (steps increasing) piecewise linear through them, r_0 before the first and the last r after the
+    last; without knots r = min(1, step / steps), and 1 when steps <= 0 (the true cos from the start)."""
+    if knots:
+        xs, ys = [k[0] for k in knots], [k[1] for k in knots]
+        if step <= xs[0]:
+            return float(ys[0])
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if step <= x1:
+                return float(y0 + (y1 - y0) * (step - x0) / max(x1 - x0, 1e-12))
+        return float(ys[-1])
+    return 1.0 if steps <= 0 else min(1.0, step / steps)
+
+
+def check_anneal_knots(knots: List[List[float]], path: str = "model.cos_anneal_knots") -> None:
+    """Raise ConfigError unless knots are [step, ratio] pairs, steps increasing, ratios in [0, 1]."""
+    for i, knot in enumerate(knots):
+        if len(knot) != 2 or not 0.0 <= knot[1] <= 1.0:
+            raise ConfigError(f"{path}[{i}]: expected a [step, ratio] pair with the ratio in [0, 1], got {list(knot)}")
+        if i and knot[0] <= knots[i - 1][0]:
+            raise ConfigError(f"{path}: the steps must increase, got {knots[i - 1][0]} then {knot[0]}")
 
 
 def chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -36,6 +60,8 @@ class NeuSModel(Configurable, nn.Module):
         radius: float = 1.0  # the scene (normalised frame) lies in [-radius, radius]^3
         render_step_size: float = 0.0034  # ray-marching step, normalised units
         cos_anneal_steps: int = 0  # steps over which NeuS anneals cos (0: true cos from the start)
+        # or a schedule: [[step, ratio], ...], piecewise linear (replaces cos_anneal_steps when given)
+        cos_anneal_knots: List[List[float]] = field(default_factory=list)
         occupancy_chunk: int = 65536  # points per SDF evaluation when updating the grid
         geometry: SDFNetwork.Config = field(default_factory=SDFNetwork.Config)
         texture: ColorNetwork.Config = field(default_factory=ColorNetwork.Config)
@@ -49,6 +75,7 @@ class NeuSModel(Configurable, nn.Module):
         """`config` with its backends resolved (systems/backends.py: with_backends); `auto` left
         in it builds the torch reference."""
         super().__init__()
+        check_anneal_knots(config.cos_anneal_knots)
         self.config = config
         self.geometry = SDFNetwork(config.geometry, config.radius)
         self.texture = ColorNetwork(config.texture, config.geometry.feature_dim)
@@ -72,8 +99,8 @@ class NeuSModel(Configurable, nn.Module):
 
     def set_step(self, global_step: int) -> None:
         """Schedules that follow the training step: cos annealing and hash-grid levels."""
-        steps = self.config.cos_anneal_steps
-        self.cos_anneal_ratio.fill_(1.0 if steps <= 0 else min(1.0, global_step / steps))
+        self.cos_anneal_ratio.fill_(
+            cos_anneal_ratio(global_step, self.config.cos_anneal_steps, self.config.cos_anneal_knots))
         self.geometry.update_step(global_step)
         if self.background is not None:
             self.background.set_step(global_step)

@@ -55,12 +55,13 @@ class ExportConfig:
     texture_faces: int = 100000
     texture_size: int = 2048
     # each texel's colour (and the decimated mesh's vertex colours): `photos` blends the training
-    # photos that see the point (depth test against the mesh, the texture_views most frontal,
-    # weighted by cos^4 of the angle to the normal; the network where none sees it);
-    # `network_views` evaluates the colour network along those views' directions instead;
-    # `head_on` the network viewed from the normal (as the .ply's vertex colours)
+    # photos that see the point (depth test against the mesh; all of them, or the texture_views
+    # most frontal; weighted by the cosine of the angle to the normal; the network where none sees
+    # it); `network_views` evaluates the colour network along those views' directions instead (one
+    # evaluation per view: set texture_views, e.g. 3); `head_on` the network viewed from the normal
+    # (as the .ply's vertex colours)
     texture_colour: TextureColour = "photos"
-    texture_views: int = 3
+    texture_views: int = 0  # 0: every training view that sees the point
 
 
 @dataclass

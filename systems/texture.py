@@ -6,8 +6,8 @@ the end of training). The atlas and camera maths (rasterising UV triangles, seam
 projection, z-buffer, view weights) is in utils/texture.py; this module is the model's side:
 which 3D point each texel shows and the colour it gets there, by export.texture_colour:
 - `photos`: the training photos that see the point (depth test against the mesh, the mask where
-  there is one), the export.texture_views most frontal blended with weights cos^VIEW_POWER;
-  the colour network seen head-on where no photo sees the point;
+  there is one), blended with weights cos^VIEW_POWER (all of them, or the export.texture_views
+  most frontal); the colour network seen head-on where no photo sees the point;
 - `network_views`: the colour network along those same views' directions, blended alike;
 - `head_on`: the colour network seen head-on from the normal, as the .ply's vertex colours
   (NeuSModel.surface_colors). No photo sees a surface from there, so it matches no view well.
@@ -31,7 +31,6 @@ from utils.texture import (
     dilate,
     facing,
     grid_atlas,
-    nearest_pixel,
     project,
     rasterize_atlas,
     sample_image,
@@ -42,7 +41,12 @@ from utils.texture import (
 
 log = logging.getLogger(__name__)
 
-VIEW_POWER = 4.0  # a view's weight: cos(normal, to camera)^VIEW_POWER
+# a view's weight: cos(normal, to camera)^VIEW_POWER. A texel has one colour for every direction, and
+# the photos of one point differ from view to view (DTU's lights move with the camera): the colour
+# that errs least in an unseen view is the mean over the views, with a mild preference for frontal
+# views (they see the surface at the finest footprint). Scan 24, held-out views, masked PSNR at the
+# mesh's hits: 3 views at cos^4: 17.2 dB, all views at cos^4: 18.9, at cos^1: 19.6, uniform: 19.7.
+VIEW_POWER = 1.0
 MIN_COS = 0.1  # views more grazing than this (about 84 degrees) do not count
 DEPTH_SIZE = 800  # the z-buffers' longer side, pixels (the photos are sampled at their own size)
 DEPTH_SLACK = 0.005  # depth test: a point this far (normalised units) + 2 z-buffer pixels behind the surface still counts as seen
@@ -108,19 +112,31 @@ class ViewSelector:
             uv, z = project(vertices, self.depth_intrinsics[c:c + 1], cameras.c2w[c:c + 1])
             depths.append(depth_map(uv[0], z[0], faces, *self.size))
         self.depth = np.stack(depths)  # [C, h, w]
+        if cameras.masks is not None:  # where the photo shows the background nothing is seen: depth -inf
+            self.depth[self.background_at_depth_pixels(cameras.masks)] = -np.inf
+
+    def background_at_depth_pixels(self, masks: np.ndarray) -> np.ndarray:
+        """masks [C, H, W] (photo size) -> bool [C, h, w]: the z-buffer pixels whose nearest photo
+        pixel is background (mask < 0.5). At scale 1 it is the mask itself."""
+        width, height = self.size
+        cols = np.clip(np.rint(np.arange(width) / self.scale), 0, masks.shape[2] - 1).astype(np.int64)
+        rows = np.clip(np.rint(np.arange(height) / self.scale), 0, masks.shape[1] - 1).astype(np.int64)
+        return masks[:, rows[:, None], cols[None, :]] < 0.5
 
     def select(self, points: np.ndarray, normals: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """points [N, 3], unit normals [N, 3] -> the k most frontal cameras that see each point:
+        """points [N, 3], unit normals [N, 3] -> the k most frontal cameras that see each point
+        (k <= 0: every camera, in camera order):
         view [N, k], weight [N, k] (summing to 1; all 0 where no camera sees the point) and
         where it lies in their photos, uv [N, k, 2]."""
         cams = self.cameras
-        uv, z = project(points, cams.intrinsics, cams.c2w)  # [C, N, 2], [C, N]
-        tolerance = DEPTH_SLACK + 2.0 * z / self.depth_intrinsics[:, 0, 0][:, None]  # [C, N]
-        visible = depth_test(uv * self.scale, z, self.depth, tolerance)  # [C, N]
-        if cams.masks is not None:  # the photo shows the object there (not the background)
-            visible &= nearest_pixel(cams.masks, uv)[0] >= 0.5
-        cos = facing(normals, points, cams.c2w[:, :, 3])  # [C, N]
-        view, weight = top_views(view_weights(cos, visible, VIEW_POWER, MIN_COS), k)
+        # float32 for the [C, N] arrays (half the memory traffic; 1e-4 pixel at 1000 pixels)
+        points, normals = points.astype(np.float32), normals.astype(np.float32)
+        c2w = cams.c2w.astype(np.float32)
+        uv, z = project(points, cams.intrinsics.astype(np.float32), c2w)  # [C, N, 2], [C, N]
+        tolerance = DEPTH_SLACK + 2.0 * z / self.depth_intrinsics[:, 0, 0][:, None].astype(np.float32)  # [C, N]
+        visible = depth_test(uv * np.float32(self.scale), z, self.depth, tolerance)  # [C, N] (and on the mask: see __init__)
+        cos = facing(normals, points, c2w[:, :, 3])  # [C, N]
+        view, weight = top_views(view_weights(cos, visible, VIEW_POWER, MIN_COS), k if k > 0 else len(cams.c2w))
         return view, weight, uv[view, np.arange(len(points))[:, None]]
 
 
@@ -137,9 +153,10 @@ def colour_points(model, points: np.ndarray, normals: np.ndarray, rule: str, sel
     for start in range(0, len(points), step):
         p, n = points[start:start + step], normals[start:start + step]
         view, weight, uv = selector.select(p, n, k)  # [m, k], [m, k], [m, k, 2]
-        if rule == "photos":
-            colours = sample_image(selector.cameras.images, view.reshape(-1), uv.reshape(-1, 2)) / 255.0
-            colours = colours.reshape(*view.shape, 3)
+        if rule == "photos":  # only where a view counts (with all views, about half are occluded or behind)
+            counts = weight > 0  # [m, k]
+            colours = np.zeros((*view.shape, 3), dtype=np.float32)
+            colours[counts] = sample_image(selector.cameras.images, view[counts], uv[counts]) / 255.0
         elif rule == "network_views":
             dirs = p[:, None] - selector.cameras.c2w[view, :, 3]  # [m, k, 3] camera -> point
             dirs /= np.maximum(np.linalg.norm(dirs, axis=-1, keepdims=True), 1e-12)
@@ -177,11 +194,11 @@ def vertex_colours(model, vertices: np.ndarray, faces: np.ndarray, export_config
     rule = getattr(cfg, "texture_colour", "head_on")
     selector = ViewSelector(cameras, vertices, faces) if cameras is not None and rule != "head_on" else None
     return colour_points(model, vertices, vertex_normals(vertices, faces), rule, selector,
-                         getattr(cfg, "texture_views", 3), cfg.mesh_chunk, device)
+                         getattr(cfg, "texture_views", 0), cfg.mesh_chunk, device)
 
 
 def bake_texture(model, vertices: np.ndarray, faces: np.ndarray, size: int, chunk: int, device,
-                 rule: str = "head_on", cameras: Optional[Cameras] = None, k: int = 3):
+                 rule: str = "head_on", cameras: Optional[Cameras] = None, k: int = 0):
     """A per-triangle atlas for the mesh (vertices [V, 3] in the NORMALISED frame, faces
     [F, 3]) and its texture -> corner_vertex [3F], uv [3F, 2], uv_faces [F, 3] (see
     utils.texture.grid_atlas) and the texture image uint8 [size, size, 3] (row 0 on top).
@@ -284,7 +301,7 @@ def export_textured(
     start = time.perf_counter()
     rule = getattr(cfg, "texture_colour", "head_on")
     corner_vertex, uv, uv_faces, image = bake_texture(model, vertices, faces, cfg.texture_size, cfg.mesh_chunk, device,
-                                                      rule, cameras, getattr(cfg, "texture_views", 3))
+                                                      rule, cameras, getattr(cfg, "texture_views", 0))
     times["bake"] = time.perf_counter() - start
     start = time.perf_counter()
     mesh = textured_trimesh(to_world(vertices, scale_mat), faces, corner_vertex, uv, uv_faces, image)

@@ -161,3 +161,39 @@ def test_unknown_encoding_otype_lists_registered_encodings(tmp_path):
     message = str(err.value)
     assert "model.geometry.xyz_encoding.otype" in message and "'Hashgrid'" in message
     assert "valid names: Frequency, HashGrid, SphericalHarmonics" in message
+
+
+def test_cos_anneal_schedule_by_hand():
+    """Without knots r = min(1, step / steps) (1 when steps <= 0); with knots, piecewise linear:
+    [[0, 0], [100, 0.5], [120, 1]] gives 0.25 at step 50, 0.75 at step 110, 1 after step 120."""
+    from models.neus import cos_anneal_ratio
+
+    assert cos_anneal_ratio(50, 200, []) == 0.25
+    assert cos_anneal_ratio(500, 200, []) == 1.0
+    assert cos_anneal_ratio(0, 0, []) == 1.0
+    knots = [[0, 0.0], [100, 0.5], [120, 1.0]]
+    got = [cos_anneal_ratio(step, 999, knots) for step in (0, 50, 100, 110, 120, 500)]
+    assert got == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_cos_anneal_knots_are_checked_at_build():
+    from models.neus import check_anneal_knots
+
+    check_anneal_knots([[0, 0.0], [10, 1.0]])
+    with pytest.raises(ConfigError, match=r"cos_anneal_knots\[1\].*ratio in \[0, 1\]"):
+        check_anneal_knots([[0, 0.0], [10, 1.5]])
+    with pytest.raises(ConfigError, match="steps must increase"):
+        check_anneal_knots([[10, 0.0], [5, 1.0]])
+
+
+def test_cpu_configs_finish_the_cos_anneal_over_the_last_tenth():
+    """The masked CPU configs: ratio 0.45 at 90% of the run, 1 at the end; the unmasked one keeps
+    the half anneal (its knots are empty, cos_anneal_steps = 2 max_steps)."""
+    from models.neus import cos_anneal_ratio
+
+    masked = load_config(CPU_CONFIG, ["trainer.max_steps=1000"]).model
+    assert masked.cos_anneal_knots == [[0.0, 0.0], [900.0, 0.45], [1000.0, 1.0]]
+    assert cos_anneal_ratio(950, masked.cos_anneal_steps, masked.cos_anneal_knots) == pytest.approx(0.725)
+    unmasked = load_config(os.path.join(ROOT, "confs", "neus-dtu-cpu.yaml"), ["trainer.max_steps=1000"]).model
+    assert unmasked.cos_anneal_knots == []
+    assert cos_anneal_ratio(1000, unmasked.cos_anneal_steps, unmasked.cos_anneal_knots) == 0.5

@@ -235,17 +235,19 @@ def two_view_scene():
 
 
 def test_photos_blend_the_views_that_see_a_point():
-    """At the origin both cameras see the point: weights cos^4 = 1 and (1/sqrt 2)^4 = 1/4,
-    normalised 0.8 red + 0.2 blue. At (0.5, 0, 0) the floating triangle hides camera 2: red."""
+    """At the origin both cameras see the point: weights cos = 1 and 1/sqrt 2, normalised
+    1/(1 + 1/sqrt 2) = 0.58579 red + 0.41421 blue. At (0.5, 0, 0) the floating triangle hides
+    camera 2: red. k = 0 (every view) blends the same two."""
     cameras, vertices, faces = two_view_scene()
     selector = ViewSelector(cameras, vertices, faces)
     points = np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
     normals = np.array([[0.0, 0.0, 1.0]] * 2)
     view, weight, _ = selector.select(points, normals, 2)
-    np.testing.assert_allclose(weight[0][np.argsort(view[0])], [0.8, 0.2], atol=1e-6)
+    np.testing.assert_allclose(weight[0][np.argsort(view[0])], [0.58579, 0.41421], atol=1e-5)
     np.testing.assert_allclose(np.sort(weight[1]), [0.0, 1.0], atol=1e-6)
-    colours = colour_points(ColourField(), points, normals, "photos", selector, 2, 1024, torch.device("cpu"))
-    np.testing.assert_allclose(colours, [[0.8, 0.0, 0.2], [1.0, 0.0, 0.0]], atol=1e-5)
+    for k in (2, 0):
+        colours = colour_points(ColourField(), points, normals, "photos", selector, k, 1024, torch.device("cpu"))
+        np.testing.assert_allclose(colours, [[0.58579, 0.0, 0.41421], [1.0, 0.0, 0.0]], atol=1e-5)
     # a point below the square faces away from both: the network, head-on
     below = colour_points(ColourField(), np.array([[0.0, 0.0, 0.0]]), np.array([[0.0, 0.0, -1.0]]), "photos",
                           selector, 2, 1024, torch.device("cpu"))
@@ -254,13 +256,13 @@ def test_photos_blend_the_views_that_see_a_point():
 
 def test_network_views_evaluate_the_network_along_the_seeing_views():
     """The stand-in network answers 0.5 + 0.5 d for view direction d (camera -> point): at the
-    origin d1 = (0, 0, -1), d2 = (-1, 0, -1)/sqrt 2, blended 0.8 / 0.2:
-    0.8 (0.5, 0.5, 0) + 0.2 (0.1464, 0.5, 0.1464) = (0.4293, 0.5, 0.0293)."""
+    origin d1 = (0, 0, -1), d2 = (-1, 0, -1)/sqrt 2, blended 0.58579 / 0.41421:
+    0.58579 (0.5, 0.5, 0) + 0.41421 (0.14645, 0.5, 0.14645) = (0.35355, 0.5, 0.06066)."""
     cameras, vertices, faces = two_view_scene()
     selector = ViewSelector(cameras, vertices, faces)
     colours = colour_points(ColourField(), np.zeros((1, 3)), np.array([[0.0, 0.0, 1.0]]), "network_views", selector,
                             3, 1024, torch.device("cpu"))
-    np.testing.assert_allclose(colours, [[0.42929, 0.5, 0.02929]], atol=1e-4)
+    np.testing.assert_allclose(colours, [[0.35355, 0.5, 0.06066]], atol=1e-4)
 
 
 def test_texture_colour_is_a_validated_choice():

@@ -39,7 +39,7 @@ def box_groups(order: np.ndarray, extent: np.ndarray, budget: int):
 
 
 def rasterize_atlas(
-    uv: np.ndarray, faces: np.ndarray, size: int, margin: float = EDGE_MARGIN, budget: int = 1 << 22
+    uv: np.ndarray, faces: np.ndarray, size: int, margin: float = EDGE_MARGIN, budget: int = 1 << 16
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Rasterise UV triangles into a size x size atlas, vectorised over triangles.
 
@@ -225,7 +225,7 @@ def project(points: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray) -> Tupl
 
 
 def depth_map(uv: np.ndarray, z: np.ndarray, faces: np.ndarray, width: int, height: int, near: float = 1e-3,
-              budget: int = 1 << 22) -> np.ndarray:
+              budget: int = 1 << 16) -> np.ndarray:
     """z-buffer of a mesh in one camera: the depth of the nearest triangle at each pixel centre.
 
     uv [V, 2] pixel coordinates of the vertices (see project), z [V] their depths, faces [F, 3]
