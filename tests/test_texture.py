@@ -254,6 +254,22 @@ def test_photos_blend_the_views_that_see_a_point():
     np.testing.assert_allclose(below, ColourField.colour(torch.zeros(1, 3)).numpy(), atol=1e-6)
 
 
+def test_a_view_whose_mask_shows_background_there_does_not_see_the_point():
+    """Camera 2's mask is background around its principal point (50, 50), where the origin
+    projects: the origin is seen by camera 1 alone (red). A point camera 2 sees on its mask,
+    (-0.5, 0, 0), still blends both."""
+    cameras, vertices, faces = two_view_scene()
+    cameras.masks = np.ones((2, 101, 101), np.float32)
+    cameras.masks[1, 45:56, 45:56] = 0.0
+    selector = ViewSelector(cameras, vertices, faces)
+    points, normals = np.array([[0.0, 0.0, 0.0], [-0.5, 0.0, 0.0]]), np.array([[0.0, 0.0, 1.0]] * 2)
+    _, weight, _ = selector.select(points, normals, 0)
+    np.testing.assert_allclose(np.sort(weight[0]), [0.0, 1.0], atol=1e-6)
+    assert (weight[1] > 0.1).all()
+    colours = colour_points(ColourField(), points[:1], normals[:1], "photos", selector, 0, 1024, torch.device("cpu"))
+    np.testing.assert_allclose(colours, [[1.0, 0.0, 0.0]], atol=1e-5)
+
+
 def test_network_views_evaluate_the_network_along_the_seeing_views():
     """The stand-in network answers 0.5 + 0.5 d for view direction d (camera -> point): at the
     origin d1 = (0, 0, -1), d2 = (-1, 0, -1)/sqrt 2, blended 0.58579 / 0.41421:
