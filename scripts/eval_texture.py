@@ -86,6 +86,102 @@ def render_textured(caster: MeshCaster, uv: np.ndarray, uv_faces: np.ndarray, im
     return np.where(hit[:, None], rgb, background)
 
 
+def volume_renders(system, views, out_dir: str):
+    """(c): the volume render of each view -> {view: [H*W, 3]}, rendered once and kept as
+    out_dir/volume-<view>-<W>x<H>.npy for the next run."""
+    h, w = system.dataset.height, system.dataset.width
+    volume = {}
+    for view in views:
+        cache = os.path.join(out_dir, f"volume-{view:06d}-{w}x{h}.npy")
+        if not os.path.isfile(cache):
+            np.save(cache, system.task.evaluation.render_view(view)["rgb"].cpu().numpy().reshape(h, w, 3))
+        volume[view] = np.load(cache).reshape(-1, 3)
+    return volume
+
+
+def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, volume, out_dir: str, device):
+    """Export the textured mesh coloured by `rule` and score (a), (b), (b') and (c) in the
+    held-out views (cfg: the run's export config, its texture_colour set to `rule`) -> that rule's entry of the result (per view and mean PSNR, faces, seconds);
+    writes out_dir/<view>-<rule>.png panels."""
+    from systems.texture import export_textured, vertex_colours
+    from utils.metrics import psnr
+
+    cfg.texture_colour = rule
+    dataset = system.dataset
+    h, w = dataset.height, dataset.width
+    scale_mat = dataset.views.scale_mat
+    to_normalised = np.linalg.inv(scale_mat)
+    rule_stem = f"{stem}-{rule}"
+    timings = {}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    full_vertices = trimesh.transform_points(np.asarray(full.vertices), to_normalised)
+    export_textured(system.model, full_vertices, np.asarray(full.faces), scale_mat, cfg, rule_stem, device,
+                    timings, cameras=cameras)
+    timings["textured_total"] = time.perf_counter() - start
+    timings["textured_total_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (other load aside)
+    textured = trimesh.load(f"{rule_stem}-textured.obj", process=False, force="mesh")
+    glb = trimesh.load(f"{rule_stem}-textured.glb", force="mesh")
+    assert len(glb.faces) == len(textured.faces)
+    image = np.asarray(textured.visual.material.image.convert("RGB"), dtype=np.float32) / 255.0
+    uv = np.asarray(textured.visual.uv, dtype=np.float64)
+    tex_vertices = trimesh.transform_points(np.asarray(textured.vertices), to_normalised)
+    tex_faces = np.asarray(textured.faces)
+    # (b) the same decimated mesh with shared vertices, coloured by the same rule
+    merged = trimesh.Trimesh(vertices=tex_vertices, faces=tex_faces, process=False)
+    merged.merge_vertices(merge_tex=True, merge_norm=True)
+    dec_vertices, dec_faces = np.asarray(merged.vertices), np.asarray(merged.faces)
+    start = time.perf_counter()
+    dec_colours = vertex_colours(system.model, dec_vertices, dec_faces, cfg, cameras, device).astype(np.float64)
+    timings["vertex_colours"] = time.perf_counter() - start
+    full_colours = np.asarray(full.visual.vertex_colors)[:, :3].astype(np.float64) / 255.0
+    casters = {"textured": MeshCaster(tex_vertices, tex_faces), "vertex_same_faces": MeshCaster(dec_vertices, dec_faces)}
+    per_view = {}
+    for view, volume_rgb in volume.items():
+        rays = dataset.view_rays(view)
+        ray_np = (rays["rays_o"].cpu().numpy(), rays["rays_d"].cpu().numpy())
+        background = rays["background"].cpu().numpy()
+        gt = rays["rgb"].view(h, w, 3)
+        mask = rays["mask"].view(h, w)
+        renders = {
+            "textured": render_textured(casters["textured"], uv, tex_faces, image, ray_np, background),
+            "vertex_same_faces": render_vertex_coloured(casters["vertex_same_faces"], dec_colours, ray_np, background),
+            "vertex_full": render_vertex_coloured(full_caster, full_colours, ray_np, background),
+            "volume": volume_rgb,
+        }
+        per_view[f"{view:06d}"] = {
+            k: psnr(torch.from_numpy(v.reshape(h, w, 3)).float(), gt.cpu().float(), mask.cpu())
+            for k, v in renders.items()
+        }
+        panel = np.concatenate([renders[k].reshape(h, w, 3) for k in ("textured", "vertex_same_faces", "volume")]
+                               + [gt.cpu().numpy()], axis=1)
+        imageio.imwrite(os.path.join(out_dir, f"{view:06d}-{rule}.png"),
+                        (np.clip(panel, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return {
+        "views": per_view,
+        "mean_psnr_masked": {k: float(np.mean([v[k] for v in per_view.values()])) for k in next(iter(per_view.values()))},
+        "faces": {"textured": int(len(tex_faces)), "vertex_same_faces": int(len(dec_faces)),
+                  "vertex_full": int(len(full.faces))},
+        "seconds": timings,
+    }
+
+
+def load_trained(args, overrides):
+    """The run of args.resume with args.config + overrides (export.texture off, the atlas of
+    --faces / --size) -> (its Trainer with the checkpoint loaded, the export config, the device)."""
+    from run import trial_dir_of
+    from systems import RunPaths, Trainer
+    from systems.config import load_config
+    from utils.misc import resolve_device
+
+    config = load_config(args.config, [*overrides, "export.texture=false"])
+    config.export.texture_faces = args.faces
+    config.export.texture_size = args.size
+    device = resolve_device(config.device)
+    system = Trainer(config, RunPaths.for_trial(trial_dir_of(args.resume)), device)
+    system.load(args.resume)
+    return system, config.export, device
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -97,104 +193,27 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the table here (default: beside the mesh)")
     args, overrides = parser.parse_known_args(argv)
 
-    from run import trial_dir_of
-    from systems import RunPaths, Trainer
-    from systems.texture import Cameras, export_textured, vertex_colours
-    from systems.config import load_config
-    from utils.metrics import psnr
-    from utils.misc import resolve_device
+    from systems.texture import Cameras
 
-    config = load_config(args.config, [*overrides, "export.texture=false"])
-    config.export.texture_faces = args.faces
-    config.export.texture_size = args.size
-    device = resolve_device(config.device)
-    paths = RunPaths.for_trial(trial_dir_of(args.resume))
-    system = Trainer(config, paths, device)
-    system.load(args.resume)
-    step = system.global_step
-    cfg = config.export
+    system, cfg, device = load_trained(args, overrides)
+    paths, step = system.paths, system.global_step
     stem = os.path.join(paths.save_dir, f"it{step:06d}-mc{cfg.mesh_resolution}")
-    scale_mat = system.dataset.views.scale_mat
-    to_normalised = np.linalg.inv(scale_mat)
-
-    def normalised(vertices_world):
-        return trimesh.transform_points(vertices_world, to_normalised)
-
     start = time.perf_counter()
     if not os.path.isfile(f"{stem}.ply"):
         system.export_mesh()  # today's mesh: marching cubes, clean-up, vertex colours
     mesh_seconds = time.perf_counter() - start
     full = trimesh.load(f"{stem}.ply", process=False)
-    full_vertices = normalised(np.asarray(full.vertices))
-    full_colours = np.asarray(full.visual.vertex_colors)[:, :3].astype(np.float64) / 255.0
+    full_caster = MeshCaster(trimesh.transform_points(np.asarray(full.vertices), np.linalg.inv(system.dataset.views.scale_mat)),
+                             np.asarray(full.faces))
     cameras = Cameras.training(system.dataset)
     rules = args.rules.split(",") if args.rules else [cfg.texture_colour]
-    dataset = system.dataset
-    views = dataset.split["test"] or dataset.split["train"][::8]
-    h, w = dataset.height, dataset.width
+    views = system.dataset.split["test"] or system.dataset.split["train"][::8]
     out_dir = os.path.join(paths.save_dir, f"it{step:06d}-texture-eval")
     os.makedirs(out_dir, exist_ok=True)
-    rays_of = {view: dataset.view_rays(view) for view in views}
-    volume = {}
-    for view in views:  # (c), rendered once and kept
-        cache = os.path.join(out_dir, f"volume-{view:06d}-{w}x{h}.npy")
-        if not os.path.isfile(cache):
-            np.save(cache, system.task.evaluation.render_view(view)["rgb"].cpu().numpy().reshape(h, w, 3))
-        volume[view] = np.load(cache).reshape(-1, 3)
-    full_caster = MeshCaster(full_vertices, np.asarray(full.faces))
+    volume = volume_renders(system, views, out_dir)
     results = {}
     for rule in rules:
-        cfg.texture_colour = rule
-        rule_stem = f"{stem}-{rule}"
-        timings = {}
-        start, cpu_start = time.perf_counter(), time.process_time()
-        export_textured(system.model, full_vertices, np.asarray(full.faces), scale_mat, cfg, rule_stem, device,
-                        timings, cameras=cameras)
-        timings["textured_total"] = time.perf_counter() - start
-        timings["textured_total_cpu"] = time.process_time() - cpu_start  # this process's CPU seconds (other load aside)
-        textured = trimesh.load(f"{rule_stem}-textured.obj", process=False, force="mesh")
-        glb = trimesh.load(f"{rule_stem}-textured.glb", force="mesh")
-        assert len(glb.faces) == len(textured.faces)
-        image = np.asarray(textured.visual.material.image.convert("RGB"), dtype=np.float32) / 255.0
-        uv = np.asarray(textured.visual.uv, dtype=np.float64)
-        tex_vertices = normalised(np.asarray(textured.vertices))
-        tex_faces = np.asarray(textured.faces)
-        # (b) the same decimated mesh with shared vertices, coloured by the same rule
-        merged = trimesh.Trimesh(vertices=tex_vertices, faces=tex_faces, process=False)
-        merged.merge_vertices(merge_tex=True, merge_norm=True)
-        dec_vertices, dec_faces = np.asarray(merged.vertices), np.asarray(merged.faces)
-        start = time.perf_counter()
-        dec_colours = vertex_colours(system.model, dec_vertices, dec_faces, cfg, cameras, device).astype(np.float64)
-        timings["vertex_colours"] = time.perf_counter() - start
-        casters = {"textured": MeshCaster(tex_vertices, tex_faces), "vertex_same_faces": MeshCaster(dec_vertices, dec_faces)}
-        per_view = {}
-        for view in views:
-            rays = rays_of[view]
-            ray_np = (rays["rays_o"].cpu().numpy(), rays["rays_d"].cpu().numpy())
-            background = rays["background"].cpu().numpy()
-            gt = rays["rgb"].view(h, w, 3)
-            mask = rays["mask"].view(h, w)
-            renders = {
-                "textured": render_textured(casters["textured"], uv, tex_faces, image, ray_np, background),
-                "vertex_same_faces": render_vertex_coloured(casters["vertex_same_faces"], dec_colours, ray_np, background),
-                "vertex_full": render_vertex_coloured(full_caster, full_colours, ray_np, background),
-                "volume": volume[view],
-            }
-            per_view[f"{view:06d}"] = {
-                k: psnr(torch.from_numpy(v.reshape(h, w, 3)).float(), gt.cpu().float(), mask.cpu())
-                for k, v in renders.items()
-            }
-            panel = np.concatenate([renders[k].reshape(h, w, 3) for k in ("textured", "vertex_same_faces", "volume")]
-                                   + [gt.cpu().numpy()], axis=1)
-            imageio.imwrite(os.path.join(out_dir, f"{view:06d}-{rule}.png"),
-                            (np.clip(panel, 0, 1) * 255 + 0.5).astype(np.uint8))
-        results[rule] = {
-            "views": per_view,
-            "mean_psnr_masked": {k: float(np.mean([v[k] for v in per_view.values()])) for k in next(iter(per_view.values()))},
-            "faces": {"textured": int(len(tex_faces)), "vertex_same_faces": int(len(dec_faces)),
-                      "vertex_full": int(len(full.faces))},
-            "seconds": timings,
-        }
+        results[rule] = measure_rule(system, cfg, rule, stem, full, full_caster, cameras, volume, out_dir, device)
         print(rule, json.dumps({k: results[rule][k] for k in ("mean_psnr_masked", "seconds")}), flush=True)
     result = {
         "checkpoint": os.path.abspath(args.resume),
