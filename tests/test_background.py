@@ -231,7 +231,7 @@ def test_mesh_ends_at_the_foreground_sphere(monkeypatch):
     negative everywhere gives the sphere itself, not a surface in the corners of the box."""
     from models.neus import NeuSModel
 
-    config = load_config(NO_MASK_CONFIG, ["dataset.root_dir=unused", *SMALL_BACKGROUND,
+    config = load_config(NO_MASK_CONFIG, ["dataset.root_dir=unused", *SMALL_BACKGROUND, "model.radius=1.0",
                                           "model.geometry.xyz_encoding.compile=false"]).model
     model = NeuSModel(config)
     monkeypatch.setattr(model.geometry, "sdf", lambda x: torch.full_like(x[:, 0], -1.0))

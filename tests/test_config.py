@@ -187,13 +187,25 @@ def test_cos_anneal_knots_are_checked_at_build():
 
 
 def test_cpu_configs_finish_the_cos_anneal_over_the_last_tenth():
-    """The masked CPU configs: ratio 0.45 at 90% of the run, 1 at the end; the unmasked one keeps
-    the half anneal (its knots are empty, cos_anneal_steps = 2 max_steps)."""
+    """The DTU CPU configs, masked and not: ratio 0.45 at 90% of the run, 1 at the end; the
+    own-photos config keeps the half anneal (its knots are empty, cos_anneal_steps = 2 max_steps)."""
     from models.neus import cos_anneal_ratio
 
     masked = load_config(CPU_CONFIG, ["trainer.max_steps=1000"]).model
     assert masked.cos_anneal_knots == [[0.0, 0.0], [900.0, 0.45], [1000.0, 1.0]]
     assert cos_anneal_ratio(950, masked.cos_anneal_steps, masked.cos_anneal_knots) == pytest.approx(0.725)
     unmasked = load_config(os.path.join(ROOT, "confs", "neus-dtu-cpu.yaml"), ["trainer.max_steps=1000"]).model
-    assert unmasked.cos_anneal_knots == []
-    assert cos_anneal_ratio(1000, unmasked.cos_anneal_steps, unmasked.cos_anneal_knots) == 0.5
+    assert unmasked.cos_anneal_knots == masked.cos_anneal_knots
+    custom = load_config(os.path.join(ROOT, "confs", "neus-custom.yaml"), ["trainer.max_steps=1000"]).model
+    assert custom.cos_anneal_knots == []
+    assert cos_anneal_ratio(1000, custom.cos_anneal_steps, custom.cos_anneal_knots) == 0.5
+
+
+def test_foreground_radius_of_the_configs():
+    """Masked: the cube [-1, 1]^3. DTU without masks: the sphere of radius 1.5 (the objects reach
+    beyond the unit sphere). Own photos: the unit sphere that gen_cameras fitted."""
+    radius = {name: load_config(os.path.join(ROOT, "confs", name), []).model.radius
+              for name in ("neus-dtu-wmask-cpu.yaml", "neus-dtu-cpu.yaml", "neus-dtu.yaml", "neus-custom.yaml",
+                           "neus-colmap.yaml")}
+    assert radius == {"neus-dtu-wmask-cpu.yaml": 1.0, "neus-dtu-cpu.yaml": 1.5, "neus-dtu.yaml": 1.5,
+                      "neus-custom.yaml": 1.0, "neus-colmap.yaml": 1.0}
