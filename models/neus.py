@@ -3,6 +3,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.profiler import record_function
@@ -26,13 +27,7 @@ def cos_anneal_ratio(step: int, steps: int, knots: List[List[float]]) -> float:
     (steps increasing) piecewise linear through them, r_0 before the first and the last r after the
     last; without knots r = min(1, step / steps), and 1 when steps <= 0 (the true cos from the start)."""
     if knots:
-        xs, ys = [k[0] for k in knots], [k[1] for k in knots]
-        if step <= xs[0]:
-            return float(ys[0])
-        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-            if step <= x1:
-                return float(y0 + (y1 - y0) * (step - x0) / max(x1 - x0, 1e-12))
-        return float(ys[-1])
+        return float(np.interp(step, [k[0] for k in knots], [k[1] for k in knots]))
     return 1.0 if steps <= 0 else min(1.0, step / steps)
 
 

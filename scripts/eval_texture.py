@@ -99,20 +99,14 @@ def volume_renders(system, views, out_dir: str):
     return volume
 
 
-def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, volume, out_dir: str, device):
-    """Export the textured mesh coloured by `rule` and score (a), (b), (b') and (c) in the
-    held-out views (cfg: the run's export config, its texture_colour set to `rule`) -> that rule's entry of the result (per view and mean PSNR, faces, seconds);
-    writes out_dir/<view>-<rule>.png panels."""
-    from systems.texture import export_textured, vertex_colours
-    from utils.metrics import psnr
+def export_and_reload(system, cfg, rule_stem: str, full, cameras, device, timings: dict):
+    """(a)'s export, timed into `timings`, of the full mesh `full` (world frame) to
+    <rule_stem>-textured.*, read back as a user would -> its vertices [V, 3] (normalised frame),
+    faces [F, 3], uv [V, 2] and texture image [S, S, 3] in [0, 1]; the GLB must hold as many faces."""
+    from systems.texture import export_textured
 
-    cfg.texture_colour = rule
-    dataset = system.dataset
-    h, w = dataset.height, dataset.width
-    scale_mat = dataset.views.scale_mat
+    scale_mat = system.dataset.views.scale_mat
     to_normalised = np.linalg.inv(scale_mat)
-    rule_stem = f"{stem}-{rule}"
-    timings = {}
     start, cpu_start = time.perf_counter(), time.process_time()
     full_vertices = trimesh.transform_points(np.asarray(full.vertices), to_normalised)
     export_textured(system.model, full_vertices, np.asarray(full.faces), scale_mat, cfg, rule_stem, device,
@@ -125,7 +119,22 @@ def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, 
     image = np.asarray(textured.visual.material.image.convert("RGB"), dtype=np.float32) / 255.0
     uv = np.asarray(textured.visual.uv, dtype=np.float64)
     tex_vertices = trimesh.transform_points(np.asarray(textured.vertices), to_normalised)
-    tex_faces = np.asarray(textured.faces)
+    return tex_vertices, np.asarray(textured.faces), uv, image
+
+
+def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, volume, out_dir: str, device):
+    """Export the textured mesh coloured by `rule` and score (a), (b), (b') and (c) in the
+    held-out views (cfg: the run's export config, its texture_colour set to `rule`) -> that rule's entry of the result (per view and mean PSNR, faces, seconds);
+    writes out_dir/<view>-<rule>.png panels."""
+    from systems.texture import vertex_colours
+    from utils.metrics import psnr
+
+    cfg.texture_colour = rule
+    dataset = system.dataset
+    h, w = dataset.height, dataset.width
+    timings = {}
+    tex_vertices, tex_faces, uv, image = export_and_reload(system, cfg, f"{stem}-{rule}", full, cameras, device,
+                                                           timings)
     # (b) the same decimated mesh with shared vertices, coloured by the same rule
     merged = trimesh.Trimesh(vertices=tex_vertices, faces=tex_faces, process=False)
     merged.merge_vertices(merge_tex=True, merge_norm=True)

@@ -117,7 +117,8 @@ class ViewSelector:
 
     def background_at_depth_pixels(self, masks: np.ndarray) -> np.ndarray:
         """masks [C, H, W] (photo size) -> bool [C, h, w]: the z-buffer pixels whose nearest photo
-        pixel is background (mask < 0.5). At scale 1 it is the mask itself."""
+        pixel is background (mask < 0.5). At scale 1 it is the mask itself. The rounding is
+        utils.texture.nearest_pixel's, done per axis: [h] rows and [w] columns, not [C, h w] pairs."""
         width, height = self.size
         cols = np.clip(np.rint(np.arange(width) / self.scale), 0, masks.shape[2] - 1).astype(np.int64)
         rows = np.clip(np.rint(np.arange(height) / self.scale), 0, masks.shape[1] - 1).astype(np.int64)
