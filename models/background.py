@@ -16,7 +16,7 @@ from torch import nn
 from encoder import encoding_field, get_encoding
 from models.network import make_mlp
 from models.occupancy import CellGrid
-from models.rendering import density_alpha, visible_samples
+from models.rendering import density_alpha, visible_front_to_back
 from utils.config import Configurable
 
 
@@ -174,12 +174,17 @@ class BackgroundField(Configurable, nn.Module):
         ray_indices [n_samples] (sorted), t_starts, t_ends, t_sample (where the field is
         evaluated), s_starts, s_ends (the intervals in normalised disparity, for distortion)."""
         c = self.config
-        n_rays = rays_o.shape[0]
         _, t_exit = ray_sphere_intersect(rays_o, rays_d, self.radius)  # [n_rays]
         t_lo, t_hi, t_sample, s_lo = disparity_intervals(t_exit.clamp(min=1e-3), c.far_plane * self.radius,
                                                           c.n_samples, stratified)  # [n_rays, n]
         x_c = self.contracted(rays_o[:, None, :] + t_sample[..., None] * rays_d[:, None, :])  # [n_rays, n, 3]
         keep = self.grid.occupied(x_c)  # [n_rays, n]
+        if c.early_stop_eps > 0:  # not behind the background's own opaque surfaces
+
+            def alpha_of(ray, k):  # [m], [m] -> [m]
+                return density_alpha(self.density(x_c[ray, k])[0], t_hi[ray, k] - t_lo[ray, k])
+
+            keep = visible_front_to_back(keep, alpha_of, c.early_stop_eps)
         ray_indices, k = torch.nonzero(keep, as_tuple=True)  # sorted by ray
         samples = {
             "ray_indices": ray_indices,
@@ -189,9 +194,4 @@ class BackgroundField(Configurable, nn.Module):
             "s_starts": s_lo[ray_indices, k],
         }
         samples["s_ends"] = samples["s_starts"] + 1.0 / c.n_samples
-        if c.early_stop_eps > 0 and ray_indices.numel() > 0:
-            sigma = self.density(x_c[ray_indices, k])[0]  # [n_samples]
-            alpha = density_alpha(sigma, samples["t_ends"] - samples["t_starts"])  # [n_samples]
-            visible = visible_samples(alpha, ray_indices, n_rays, c.early_stop_eps, 0.0)
-            samples = {key: value[visible] for key, value in samples.items()}
         return samples

@@ -129,6 +129,46 @@ def visible_samples(
     return visible & (alphas >= alpha_thre) if alpha_thre > 0 else visible
 
 
+def visible_front_to_back(
+    candidates: torch.Tensor,
+    alpha_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    early_stop_eps: float,
+    first_round: int = 4,
+) -> torch.Tensor:
+    """The candidates with transmittance T_i = prod_{j < i} (1 - alpha_j) >= early_stop_eps (the
+    product over the ray's earlier candidates), as visible_samples keeps them, but with alpha
+    evaluated only where needed: front to back in rounds of first_round, 2 first_round,
+    4 first_round ... candidates per ray, each round only on the rays whose transmittance is still
+    >= early_stop_eps. A ray that turns opaque at its first candidates costs first_round
+    evaluations instead of all of them (NeRF backgrounds are often opaque right away). The
+    products are taken in another order, so only a sample whose T lies within rounding of
+    early_stop_eps can be decided differently.
+
+    candidates: bool [n_rays, n] (along each ray in order); alpha_of(ray, k) -> alpha [m] of the
+    entries [m] -> bool [n_rays, n]
+    """
+    n_rays, n = candidates.shape
+    rank = torch.cumsum(candidates, dim=1) - 1  # [n_rays, n] order of a candidate on its ray
+    trans = torch.ones(n_rays, device=candidates.device)  # [n_rays] T before the round
+    visible = torch.zeros_like(candidates)  # [n_rays, n]
+    lo, size = 0, first_round
+    while lo < n:
+        alive = torch.nonzero(trans >= early_stop_eps)[:, 0]  # [n_alive]
+        in_round = candidates[alive] & (rank[alive] >= lo) & (rank[alive] < lo + size)  # [n_alive, n]
+        row, k = torch.nonzero(in_round, as_tuple=True)  # [m], sorted by ray
+        if row.numel() == 0:
+            break
+        ray = alive[row]  # [m]
+        alphas = alpha_of(ray, k)  # [m]
+        before = trans[ray] * exclusive_transmittance(alphas, row, alive.numel())  # [m] T_i
+        visible[ray, k] = before >= early_stop_eps
+        starts, counts = segment_starts(row, alive.numel())  # [n_alive]
+        last = (starts + counts - 1)[counts > 0]  # [n] each ray's last candidate of the round
+        trans[ray[last]] = before[last] * (1.0 - alphas[last])
+        lo, size = lo + size, 2 * size
+    return visible
+
+
 def composite_background(rgb: torch.Tensor, opacity: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
     """C = C_fg + (1 - opacity) C_bg.  rgb [n_rays, 3], opacity [n_rays, 1], background [n_rays or 1, 3]"""
     return rgb + (1.0 - opacity) * background

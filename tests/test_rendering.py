@@ -11,6 +11,7 @@ from models.rendering import (
     neus_alpha,
     render_weights_from_alpha,
     segment_starts,
+    visible_front_to_back,
     visible_samples,
 )
 
@@ -163,6 +164,36 @@ def test_visible_samples_drops_samples_behind_the_surface():
     keep = visible_samples(alphas, ray_indices, 2, early_stop_eps=0.25, alpha_thre=0.0)  # T = eps is kept
     assert keep.tolist() == [True, True, True, True, False, True, False]
 
+
+
+def test_visible_front_to_back_evaluates_only_what_it_keeps_or_needs():
+    """eps 0.2, rounds of 1, 2, 4 candidates. Ray 0: candidates at k 0, 1, 3, 4, 5 with alpha 0.5
+    -> T 1, .5, .25, .125: keeps 0, 1, 3; after round 2 (k 1, 3) T = 0.125 < eps, so k 4, 5 are
+    never evaluated. Ray 1: candidates k 1 (alpha 1) and 4 -> keeps 1; dead after round 1."""
+    candidates = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    table = torch.tensor([[0.5, 0.5, 0.0, 0.5, 0.5, 0.5], [0.0, 1.0, 0.0, 0.0, 0.3, 0.0]])
+    evaluated = []
+
+    def alpha_of(ray, k):
+        evaluated.extend(zip(ray.tolist(), k.tolist()))
+        return table[ray, k]
+
+    visible = visible_front_to_back(candidates, alpha_of, early_stop_eps=0.2, first_round=1)
+    assert visible.int().tolist() == [[1, 1, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0]]
+    assert sorted(evaluated) == [(0, 0), (0, 1), (0, 3), (1, 1)]
+
+
+def test_visible_front_to_back_keeps_what_visible_samples_keeps():
+    """Random candidates and alphas: the same samples as evaluating every candidate at once."""
+    gen = torch.Generator().manual_seed(3)
+    candidates = torch.rand(64, 40, generator=gen) < 0.6  # [n_rays, n]
+    table = torch.rand(64, 40, generator=gen) * 0.3  # [n_rays, n]
+    ray, k = torch.nonzero(candidates, as_tuple=True)
+    reference = torch.zeros_like(candidates)
+    reference[ray, k] = visible_samples(table[ray, k], ray, 64, early_stop_eps=1e-2, alpha_thre=0.0)
+    visible = visible_front_to_back(candidates, lambda r, kk: table[r, kk], early_stop_eps=1e-2)
+    assert 0 < int(visible.sum()) < int(candidates.sum())  # some rays do stop early
+    assert torch.equal(visible, reference)
 
 # --- occupancy: ray / box and marching ------------------------------------------------------
 
