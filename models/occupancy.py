@@ -17,7 +17,6 @@ from typing import Callable, List, Literal, Optional, Tuple
 import nerfacc
 import torch
 from torch import nn
-from torch.utils.cpp_extension import is_ninja_available
 
 from models.rendering import visible_samples
 from utils.config import Configurable
@@ -277,6 +276,8 @@ def nerfacc_cuda_error() -> Optional[str]:
     if shutil.which("nvcc") is None:
         return ("no prebuilt nerfacc CUDA extension and no CUDA toolkit (nvcc) to build one: install the CUDA "
                 "toolkit matching torch's CUDA version")
+    from torch.utils.cpp_extension import is_ninja_available  # imports setuptools: only when asked
+
     if not is_ninja_available():
         return "nerfacc builds its CUDA code with ninja, which is not installed: pip install ninja"
     nvcc, torch_cuda = nvcc_cuda_version(), torch.version.cuda

@@ -44,7 +44,7 @@ from utils.checkpoint import (
 )
 from utils.config import Precision, to_primitive
 from utils.logger import NullWriter
-from utils.misc import get_rng_state, process_age, seed_everything, set_rng_state
+from utils.misc import get_rng_state, import_in_background, process_age, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 MIN_LOSS_SCALE = 1.0  # below it, fp16-mixed overflow skips count towards a rollback (on_bad_step)
@@ -205,8 +205,12 @@ class Trainer:
         self.mixed_precision = self.backends["trainer.precision"] == "fp16-mixed"
         # disabled (fp32): scale / unscale_ / update do nothing and step is optimizer.step
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.mixed_precision)
+        # torch.optim imports torch._dynamo (2 s of Python code) at its first use: import it while
+        # the task decodes its photos (OpenCV and torch release the GIL)
+        dynamo = import_in_background("torch._dynamo")
         self.task = SYSTEMS.get(config.system.name)(config, device, self.backends)
         self.model = self.task.model
+        dynamo.join()
         self.optimizer = build_optimizer(self.task.parameter_groups(), config.system.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config.system.scheduler)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
