@@ -255,10 +255,9 @@ def make_demo_scene(
     return out_dir
 
 
-def _render_scene(out_dir: str, params: Dict) -> None:
-    """Write all the files of make_demo_scene (scene.json last)."""
-    n_views, width, height, seed = params["n_views"], params["width"], params["height"], params["seed"]
-    start = time.time()
+def _prepare_folders(out_dir: str) -> Tuple[str, str]:
+    """Create out_dir/image and out_dir/mask, mark the scene incomplete and remove the views of
+    an earlier scene -> (image_dir, mask_dir)."""
     image_dir, mask_dir = os.path.join(out_dir, "image"), os.path.join(out_dir, "mask")
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(mask_dir, exist_ok=True)
@@ -267,55 +266,95 @@ def _render_scene(out_dir: str, params: Dict) -> None:
     for folder in (image_dir, mask_dir):  # stale views of an earlier scene would be loaded too
         for path in glob.glob(os.path.join(folder, "*.png")):
             os.remove(path)
+    return image_dir, mask_dir
 
-    K = intrinsics(width, height)
-    c2ws = camera_poses(n_views)
-    scale_mat = scale_matrix()
-    albedo = Albedo(seed, params.get("detail", 0.0))
+
+def _view_cameras(
+    i: int, world_mat: np.ndarray, scale_mat: np.ndarray, camera_mat: np.ndarray
+) -> Dict[str, np.ndarray]:
+    """The cameras_sphere.npz entries of view i (each [4, 4]) with their inverses, as NeuS writes them."""
+    return {
+        f"world_mat_{i}": world_mat,
+        f"world_mat_inv_{i}": np.linalg.inv(world_mat),
+        f"scale_mat_{i}": scale_mat,
+        f"scale_mat_inv_{i}": np.linalg.inv(scale_mat),
+        f"camera_mat_{i}": camera_mat,
+        f"camera_mat_inv_{i}": np.linalg.inv(camera_mat),
+    }
+
+
+def _write_view(image_path: str, mask_path: str, image: np.ndarray, mask: np.ndarray) -> None:
+    """Write a render image [H, W, 3] (RGB uint8) and its mask [H, W] (bool) as 8-bit PNGs, the
+    mask 0/255 in 3 channels like DTU's."""
+    cv2.imwrite(image_path, image[:, :, ::-1])  # [H, W, 3] BGR
+    mask_u8 = np.repeat(mask[:, :, None].astype(np.uint8) * 255, 3, axis=2)  # [H, W, 3]
+    cv2.imwrite(mask_path, mask_u8)
+
+
+def _render_views(
+    image_dir: str, mask_dir: str, K: np.ndarray, c2ws: np.ndarray, scale_mat: np.ndarray,
+    width: int, height: int, albedo: Albedo,
+) -> Dict[str, np.ndarray]:
+    """Render and write every view: K [3, 3], c2ws [n_views, 3, 4] (normalised frame), scale_mat
+    [4, 4] -> the cameras_sphere.npz entries of all views."""
+    n_views = len(c2ws)
     image_digits, mask_digits = max(6, len(str(n_views - 1))), max(3, len(str(n_views - 1)))
-    cameras = {}
-    camera_mat = np.eye(4)
+    camera_mat = np.eye(4)  # [4, 4]
     camera_mat[:3, :3] = K
+    cameras = {}
     for i in tqdm(range(n_views), desc="rendering demo scene", unit="view"):
         image, mask = render_view(K, c2ws[i], width, height, albedo)
-        cv2.imwrite(os.path.join(image_dir, f"{i:0{image_digits}d}.png"), image[:, :, ::-1])
-        mask_u8 = np.repeat(mask[:, :, None].astype(np.uint8) * 255, 3, axis=2)
-        cv2.imwrite(os.path.join(mask_dir, f"{i:0{mask_digits}d}.png"), mask_u8)
-        world_mat = world_projection(K, c2ws[i], scale_mat)
-        cameras[f"world_mat_{i}"] = world_mat
-        cameras[f"world_mat_inv_{i}"] = np.linalg.inv(world_mat)
-        cameras[f"scale_mat_{i}"] = scale_mat
-        cameras[f"scale_mat_inv_{i}"] = np.linalg.inv(scale_mat)
-        cameras[f"camera_mat_{i}"] = camera_mat
-        cameras[f"camera_mat_inv_{i}"] = np.linalg.inv(camera_mat)
-    np.savez(os.path.join(out_dir, "cameras_sphere.npz"), **cameras)
+        _write_view(os.path.join(image_dir, f"{i:0{image_digits}d}.png"),
+                    os.path.join(mask_dir, f"{i:0{mask_digits}d}.png"), image, mask)
+        cameras.update(_view_cameras(i, world_projection(K, c2ws[i], scale_mat), scale_mat, camera_mat))
+    return cameras
 
-    vertices, faces = ground_truth_mesh()
+
+def _write_ground_truth_mesh(path: str, scale_mat: np.ndarray) -> float:
+    """Write ground_truth_mesh() in the WORLD frame to path (PLY) -> the object's radius in
+    normalised units (the farthest vertex from the centre)."""
+    vertices, faces = ground_truth_mesh()  # [V, 3] normalised frame, [F, 3]
     radius = float(np.linalg.norm(vertices, axis=1).max())
     import trimesh  # lazily: ~1 s of imports a training start need not pay
 
-    trimesh.Trimesh(vertices=to_world(vertices, scale_mat), faces=faces, process=False).export(
-        os.path.join(out_dir, "gt_mesh.ply")
-    )
-    _write_json(
-        os.path.join(out_dir, "scene.json"),
-        {
-            "generator": GENERATOR,
-            "version": VERSION,
-            "complete": True,
-            "params": params,
-            "description": DESCRIPTION,
-            "object_center_world": WORLD_CENTER.tolist(),
-            "world_scale": WORLD_SCALE,
-            "object_radius_normalised": radius,
-            "object_radius_world": radius * WORLD_SCALE,
-            "camera_distance_normalised": CAMERA_DISTANCE,
-            "fov_x_deg": FOV_X_DEG,
-            "elevation_range_deg": list(ELEVATION_RANGE_DEG),
-            "light_direction_normalised": LIGHT_DIR.tolist(),
-            "render_seconds": round(time.time() - start, 2),
-        },
-    )
+    trimesh.Trimesh(vertices=to_world(vertices, scale_mat), faces=faces, process=False).export(path)
+    return radius
+
+
+def _complete_marker(params: Dict, radius: float, start: float) -> Dict:
+    """scene.json of a complete scene: params, the scene's geometry (radius: normalised units)
+    and the seconds since `start`."""
+    return {
+        "generator": GENERATOR,
+        "version": VERSION,
+        "complete": True,
+        "params": params,
+        "description": DESCRIPTION,
+        "object_center_world": WORLD_CENTER.tolist(),
+        "world_scale": WORLD_SCALE,
+        "object_radius_normalised": radius,
+        "object_radius_world": radius * WORLD_SCALE,
+        "camera_distance_normalised": CAMERA_DISTANCE,
+        "fov_x_deg": FOV_X_DEG,
+        "elevation_range_deg": list(ELEVATION_RANGE_DEG),
+        "light_direction_normalised": LIGHT_DIR.tolist(),
+        "render_seconds": round(time.time() - start, 2),
+    }
+
+
+def _render_scene(out_dir: str, params: Dict) -> None:
+    """Write all the files of make_demo_scene (scene.json last)."""
+    n_views, width, height, seed = params["n_views"], params["width"], params["height"], params["seed"]
+    start = time.time()
+    image_dir, mask_dir = _prepare_folders(out_dir)
+    K = intrinsics(width, height)  # [3, 3]
+    c2ws = camera_poses(n_views)  # [n_views, 3, 4]
+    scale_mat = scale_matrix()  # [4, 4]
+    albedo = Albedo(seed, params.get("detail", 0.0))
+    cameras = _render_views(image_dir, mask_dir, K, c2ws, scale_mat, width, height, albedo)
+    np.savez(os.path.join(out_dir, "cameras_sphere.npz"), **cameras)
+    radius = _write_ground_truth_mesh(os.path.join(out_dir, "gt_mesh.ply"), scale_mat)
+    _write_json(os.path.join(out_dir, "scene.json"), _complete_marker(params, radius, start))
 
 
 def main(argv=None) -> None:

@@ -138,7 +138,9 @@ def timed(command: List[str]) -> float:
     return round(time.time() - start, 1)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> Tuple[argparse.Namespace, List[str]]:
+    """The command line -> the arguments and the stages to run (in the order given); an unknown
+    stage is a usage error."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scene", required=True, help="NeuS-format scene with image/, mask/, cameras_sphere.npz")
     parser.add_argument("--work", required=True, help="the user's folder: WORK/images/ and what the commands write")
@@ -156,44 +158,81 @@ def main(argv=None) -> int:
     unknown = set(stages) - set(STAGES)
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; valid: {', '.join(STAGES)}")
-    work, scene = os.path.abspath(args.work), os.path.abspath(args.scene)
-    results_path = os.path.join(work, RESULTS)
-    results = {}
+    return args, stages
+
+
+def previous_results(results_path: str, stages: Sequence[str]) -> Dict:
+    """The figures of earlier runs to merge into, or {} (the photos stage starts afresh)."""
     if os.path.isfile(results_path) and "photos" not in stages:
         with open(results_path) as f:
-            results = json.load(f)
-    python = sys.executable
+            return json.load(f)
+    return {}
 
+
+def photos_stage(scene: str, work: str, size: Tuple[int, int]) -> Dict:
+    """Replace WORK with the scene's photos resized to size (w, h) in WORK/images -> figures."""
+    shutil.rmtree(work, ignore_errors=True)
+    image_dir = next(os.path.join(scene, d) for d in ("image", "images") if os.path.isdir(os.path.join(scene, d)))
+    names = copy_photos(image_dir, os.path.join(work, "images"), size)
+    return {"scene": scene, "photos": len(names), "size": list(size)}
+
+
+def registration(work: str) -> Dict:
+    """How many of WORK/images gen_cameras registered (WORK/gen_cameras.json) -> figures."""
+    with open(os.path.join(work, "gen_cameras.json")) as f:
+        registered = json.load(f)["views"]
+    photos = list_images(os.path.join(work, "images"))
+    return {
+        "registered": len(registered),
+        "registered_percent": round(100.0 * len(registered) / len(photos), 1),
+        "not_registered": sorted({os.path.basename(p) for p in photos} - set(registered)),
+    }
+
+
+def train_command(python: str, work: str, args: argparse.Namespace) -> List[str]:
+    """run.py's command line for training on WORK."""
+    return [
+        python, "run.py", "--config", args.config, "--train", "--outputs_dir", os.path.join(work, "outputs"),
+        f"dataset.root_dir={work}", f"dataset.img_downscale={args.train_downscale:g}", *args.set,
+    ]
+
+
+def run_stages(args: argparse.Namespace, stages: Sequence[str], scene: str, work: str, results: Dict) -> None:
+    """Run the chosen stages in order, adding their figures (and seconds) to results."""
+    python = sys.executable
     if "photos" in stages:
-        shutil.rmtree(work, ignore_errors=True)
-        image_dir = next(os.path.join(scene, d) for d in ("image", "images") if os.path.isdir(os.path.join(scene, d)))
-        names = copy_photos(image_dir, os.path.join(work, "images"), (args.width, args.height))
-        results.update(scene=scene, photos=len(names), size=[args.width, args.height])
+        results.update(photos_stage(scene, work, (args.width, args.height)))
     seconds = results.setdefault("seconds", {})
     if "imgs2poses" in stages:
         seconds["imgs2poses"] = timed([python, "-m", "process_data.imgs2poses", work])
     if "gen_cameras" in stages:
         seconds["gen_cameras"] = timed([python, "-m", "process_data.gen_cameras", work])
-        with open(os.path.join(work, "gen_cameras.json")) as f:
-            registered = json.load(f)["views"]
-        n_photos = len(list_images(os.path.join(work, "images")))
-        results.update(registered=len(registered), registered_percent=round(100.0 * len(registered) / n_photos, 1),
-                       not_registered=sorted({os.path.basename(p) for p in list_images(os.path.join(work, "images"))}
-                                             - set(registered)))
+        results.update(registration(work))
     if "train" in stages:
-        seconds["train"] = timed([
-            python, "run.py", "--config", args.config, "--train", "--outputs_dir", os.path.join(work, "outputs"),
-            f"dataset.root_dir={work}", f"dataset.img_downscale={args.train_downscale:g}", *args.set,
-        ])
+        seconds["train"] = timed(train_command(python, work, args))
     if "score" in stages:
         results["score"] = score(scene, work, args.mesh or newest_mesh(os.path.join(work, "outputs")), args.score_downscale)
+
+
+def brief(results: Dict) -> Dict:
+    """results without the per-view silhouette IoUs (for printing)."""
+    short = {k: v for k, v in results.items() if k != "score"}
+    if "score" in results:
+        short["score"] = {k: v for k, v in results["score"].items() if k != "silhouette_iou_per_view"}
+    return short
+
+
+def main(argv=None) -> int:
+    """Run the stages of the command line, write WORK/photos_to_mesh.json and print the figures."""
+    args, stages = parse_args(argv)
+    work, scene = os.path.abspath(args.work), os.path.abspath(args.scene)
+    results_path = os.path.join(work, RESULTS)
+    results = previous_results(results_path, stages)
+    run_stages(args, stages, scene, work, results)
     os.makedirs(work, exist_ok=True)
     with open(results_path, "w") as f:
         json.dump(results, f, indent=1)
-    brief = {k: v for k, v in results.items() if k != "score"}
-    if "score" in results:
-        brief["score"] = {k: v for k, v in results["score"].items() if k != "silhouette_iou_per_view"}
-    print(json.dumps(brief, indent=1))
+    print(json.dumps(brief(results), indent=1))
     return 0
 
 
