@@ -154,7 +154,8 @@ def record_run(args, overrides, config, paths, system, checkpoint) -> logging.Lo
 def run_command(argv=None) -> int:
     args, overrides = parse_args(argv)
     from process_data.loading import DatasetError
-    from systems.trainer import TrainingDiverged, TrainingInterrupted
+    from systems.checkpointing import TrainingDiverged
+    from systems.trainer import TrainingInterrupted
     from utils import distributed as dist
     from utils.checkpoint import CheckpointError
     from utils.config import ConfigError

@@ -19,7 +19,8 @@ from torch import nn
 
 import encoder.hashgrid
 import systems.backends
-from encoder.hashgrid import GridLevels, HashGrid, cpp_build_error, hash_grid_encode, make_kernels
+from encoder.hashgrid import HashGrid, cpp_build_error
+from encoder.hashgrid_ops import GridLevels, hash_grid_encode, make_kernels
 from tests.test_reliability import build_system
 from utils.checkpoint import load_checkpoint
 

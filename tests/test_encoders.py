@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from encoder.frequency import Frequency, frequency_encoding
-from encoder.hashgrid import GridLevels, HashGrid, hash_grid_encode, level_layout, make_kernels
+from encoder.hashgrid import HashGrid
+from encoder.hashgrid_ops import GridLevels, hash_grid_encode, level_layout, make_kernels
 from encoder.spherical import SphericalHarmonics, spherical_harmonics
 
 # --- hash grid: a slow, obviously-correct reference ----------------------------------------

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from encoder import hashgrid_cpp
-from encoder.hashgrid import GridLevels, HashGrid, hash_grid_encode, make_cpp_kernels, make_kernels
+from encoder.hashgrid import HashGrid
+from encoder.hashgrid_ops import GridLevels, hash_grid_encode, make_cpp_kernels, make_kernels
 
 BUILD_ERROR = hashgrid_cpp.build_error()
 pytestmark = pytest.mark.skipif(BUILD_ERROR is not None, reason=f"C++ kernels do not build here: {BUILD_ERROR}")

@@ -18,7 +18,7 @@ import run
 import systems
 import systems.neus
 from process_data.synthetic import make_demo_scene
-from systems.trainer import TrainingDiverged
+from systems.checkpointing import TrainingDiverged
 from tests.conftest import ROOT, tiny_overrides
 from utils.checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from systems.config import load_config
