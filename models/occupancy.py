@@ -267,6 +267,13 @@ def nvcc_cuda_version() -> Optional[str]:
     return match.group(1) if match else None
 
 
+def is_ninja_available() -> bool:
+    """torch's check, imported only when asked (torch.utils.cpp_extension imports setuptools)."""
+    from torch.utils.cpp_extension import is_ninja_available as torch_is_ninja_available
+
+    return torch_is_ninja_available()
+
+
 def nerfacc_cuda_error() -> Optional[str]:
     """None when nerfacc's CUDA code is there (prebuilt wheel) or can be built here (nvcc on
     PATH of torch's CUDA major version, and ninja, which torch's extension builder needs), else
@@ -276,8 +283,6 @@ def nerfacc_cuda_error() -> Optional[str]:
     if shutil.which("nvcc") is None:
         return ("no prebuilt nerfacc CUDA extension and no CUDA toolkit (nvcc) to build one: install the CUDA "
                 "toolkit matching torch's CUDA version")
-    from torch.utils.cpp_extension import is_ninja_available  # imports setuptools: only when asked
-
     if not is_ninja_available():
         return "nerfacc builds its CUDA code with ninja, which is not installed: pip install ninja"
     nvcc, torch_cuda = nvcc_cuda_version(), torch.version.cuda
