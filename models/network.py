@@ -107,7 +107,10 @@ class SDFNetwork(nn.Module):
         with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             x = x.detach().requires_grad_(True)
             sdf, feature = self.forward(x)
-            (grad,) = torch.autograd.grad(sdf, x, torch.ones_like(sdf), create_graph=create_graph)
+            # d(sum sdf)/dx = the per-point gradient (each sdf depends on its own x only). A scalar
+            # output, no grad_outputs: autograd's shape check of grad_outputs imports sympy
+            # (torch.fx.experimental.symbolic_shapes, 1 s of the first step on a 2-core CPU)
+            (grad,) = torch.autograd.grad(sdf.sum(), x, create_graph=create_graph)  # [N, 3]
         if not create_graph:
             sdf, feature = sdf.detach(), feature.detach()
         return sdf, feature, grad

@@ -1,6 +1,13 @@
-"""Optimizer (AdamW, one learning rate per module) and the learning-rate schedule."""
+"""Optimizer (AdamW, one learning rate per module) and the learning-rate schedule.
+
+Both are written here rather than taken from torch.optim: torch.optim's Optimizer imports
+torch._dynamo at its first use (2 s of single-threaded Python on a 2-core machine, 20% of the
+time to the first step), although nothing here is compiled. `AdamW` is torch.optim.AdamW's
+single-tensor algorithm (tests/test_optim.py compares them), and both classes keep
+torch.optim's state_dict layout, so checkpoints load either way.
+"""
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 
@@ -36,7 +43,126 @@ def lr_factor(step: int, config: SchedulerConfig) -> float:
     return config.gamma ** (step - config.decay_start)
 
 
-def build_optimizer(groups: Dict[str, list], config: OptimizerConfig) -> torch.optim.Optimizer:
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), per parameter p with gradient g,
+    at step t (counted per parameter, from 1), learning rate lr of p's group:
+
+        p   <- p * (1 - lr * weight_decay)
+        m   <- beta1 * m + (1 - beta1) * g
+        v   <- beta2 * v + (1 - beta2) * g^2
+        p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    torch.optim.AdamW's defaults otherwise (no amsgrad, no maximize); parameters without a
+    gradient are left alone. param_groups and state as in torch.optim (state[p]: step [] float32,
+    exp_avg and exp_avg_sq like p), so schedulers, GradScaler and checkpoints see the same thing."""
+
+    def __init__(self, param_groups: Sequence[Dict[str, Any]], betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        defaults = {"betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        self.param_groups: List[Dict[str, Any]] = [
+            {**defaults, **{k: v for k, v in group.items() if k != "params"}, "params": list(group["params"])}
+            for group in param_groups
+        ]
+        self.state: Dict[torch.Tensor, Dict[str, torch.Tensor]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if set_to_none:
+                    param.grad = None
+                elif param.grad is not None:
+                    param.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad  # like param
+                state = self.state.get(param)
+                if state is None:
+                    state = self.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    }
+                state["step"] += 1
+                t = state["step"].item()
+                if decay != 0:
+                    param.mul_(1.0 - lr * decay)
+                state["exp_avg"].lerp_(grad, 1.0 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                step_size = lr / (1.0 - beta1 ** t)
+                denom = (state["exp_avg_sq"].sqrt() / (1.0 - beta2 ** t) ** 0.5).add_(eps)
+                param.addcdiv_(state["exp_avg"], denom, value=-step_size)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch.optim's layout: parameters by their index over the groups, in order."""
+        index = {}
+        groups = []
+        for group in self.param_groups:
+            ids = []
+            for param in group["params"]:
+                ids.append(index.setdefault(param, len(index)))
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        state = {index[p]: {k: v.clone() for k, v in s.items()} for p, s in self.state.items()}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """A state_dict of this class or of torch.optim.AdamW / Adam over the same groups: the
+        groups' settings (lr, betas, eps, weight_decay, initial_lr, ...) and each parameter's
+        moments, cast to the parameter's device and dtype."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups)):
+            raise ValueError("the optimizer state has other parameter groups than this model")
+        params = {}
+        for saved_group, group in zip(saved, self.param_groups):
+            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved_group.items() if k != "params"})
+            params.update(zip(saved_group["params"], group["params"]))
+        self.state = {}
+        for i, values in state_dict["state"].items():
+            param = params[int(i)]
+            self.state[param] = {
+                k: (v.detach().to(torch.float32).cpu().reshape(()) if k == "step" else v.detach().to(param)).clone()
+                for k, v in values.items()
+            }
+
+
+class LambdaSchedule:
+    """lr of group i = base_lrs[i] * factor(last_epoch), set at construction (last_epoch 0) and by
+    each step(); base_lrs are the groups' `initial_lr` (set to their lr when missing), as
+    torch.optim.lr_scheduler.LambdaLR, whose state_dict keys it keeps (base_lrs, last_epoch, _last_lr)."""
+
+    def __init__(self, optimizer: AdamW, factor):
+        self.optimizer = optimizer
+        self.factor = factor
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        self.last_epoch = -1
+        self.step()
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(self.last_epoch)
+
+    def get_last_lr(self) -> List[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch, "_last_lr": self.get_last_lr()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """This class's or LambdaLR's state; the groups' current lr come with the optimizer's."""
+        self.base_lrs = list(state["base_lrs"])
+        self.last_epoch = int(state["last_epoch"])
+
+
+def build_optimizer(groups: Dict[str, list], config: OptimizerConfig) -> AdamW:
     lrs = {
         "geometry": config.lr_geometry,
         "texture": config.lr_texture,
@@ -47,12 +173,10 @@ def build_optimizer(groups: Dict[str, list], config: OptimizerConfig) -> torch.o
     if missing:
         raise KeyError(f"no learning rate configured for parameter group(s) {sorted(missing)}")
     param_groups = [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
-    return torch.optim.AdamW(
-        param_groups, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
-    )
+    return AdamW(param_groups, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
 
 
-def fit_state_to_parameter_shapes(optimizer: torch.optim.Optimizer) -> None:
+def fit_state_to_parameter_shapes(optimizer: AdamW) -> None:
     """Reshape each loaded moment (exp_avg, exp_avg_sq) to its parameter's shape where only the
     shape differs: the hash table is [T, F] under the torch backend and flat [T F] under tcnn,
     so a checkpoint resumes under the other backend. Scalars (step) are left alone."""
@@ -64,5 +188,5 @@ def fit_state_to_parameter_shapes(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = value.reshape(param.shape)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: SchedulerConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+def build_scheduler(optimizer: AdamW, config: SchedulerConfig) -> LambdaSchedule:
+    return LambdaSchedule(optimizer, lambda step: lr_factor(step, config))

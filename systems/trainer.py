@@ -36,7 +36,7 @@ from utils import distributed as dist
 from utils.checkpoint import checkpoints_in
 from utils.config import Precision
 from utils.logger import NullWriter
-from utils.misc import import_in_background, process_age
+from utils.misc import process_age
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,8 @@ class Trainer(TrainerCheckpoints):
         self.mixed_precision = self.backends["trainer.precision"] == "fp16-mixed"
         # disabled (fp32): scale / unscale_ / update do nothing and step is optimizer.step
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.mixed_precision)
-        # torch.optim imports torch._dynamo (2 s of Python code) at its first use: import it while
-        # the task decodes its photos (OpenCV and torch release the GIL)
-        dynamo = import_in_background("torch._dynamo")
         self.task = SYSTEMS.get(config.system.name)(config, device, self.backends)
         self.model = self.task.model
-        dynamo.join()
         self.optimizer = build_optimizer(self.task.parameter_groups(), config.system.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config.system.scheduler)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]

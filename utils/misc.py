@@ -1,9 +1,7 @@
 """Seeds, RNG state (for exact resume), device choice and out-of-memory-safe chunking."""
-import importlib
 import logging
 import os
 import random
-import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
@@ -30,15 +28,6 @@ def process_age() -> float:
         return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.monotonic() - _IMPORTED_AT
-
-
-def import_in_background(module: str) -> threading.Thread:
-    """Start importing `module` on a daemon thread; join() it before the module is needed. It
-    overlaps a Python-bound import with work that releases the GIL (OpenCV decoding, torch ops).
-    A failure shows on the thread's stderr and again where the main thread imports it."""
-    thread = threading.Thread(target=importlib.import_module, args=(module,), name=f"import {module}", daemon=True)
-    thread.start()
-    return thread
 
 
 def seed_everything(seed: int) -> None:
