@@ -151,8 +151,24 @@ def record_run(args, overrides, config, paths, system, checkpoint) -> logging.Lo
     return log
 
 
+def prefetch_scene(config_path: str, overrides) -> None:
+    """Start decoding the scene's photos and masks on a background thread (utils/prefetch.py)
+    while torch and the framework import. Only a hint: the config is read raw (not validated:
+    set_up does that), and anything amiss here just means no prefetch."""
+    from utils import prefetch
+    from utils.config import load_yaml_chain, parse_overrides
+
+    try:
+        raw = OmegaConf.merge(load_yaml_chain(config_path), parse_overrides(overrides))
+        root_dir = str(raw.dataset.root_dir)
+    except Exception:  # noqa: BLE001 (set_up reports config errors)
+        return
+    prefetch.start(prefetch.scene_files(root_dir))
+
+
 def run_command(argv=None) -> int:
     args, overrides = parse_args(argv)
+    prefetch_scene(args.config, overrides)
     from process_data.loading import DatasetError
     from systems.checkpointing import TrainingDiverged
     from systems.trainer import TrainingInterrupted
@@ -170,6 +186,10 @@ def run_command(argv=None) -> int:
         prefix = next(name for kind, name in refusals if isinstance(e, kind))
         print(f"{prefix}: {e}", file=sys.stderr)
         return 2
+    finally:
+        from utils import prefetch
+
+        prefetch.stop()  # the scene is loaded: drop what it did not take
     log = record_run(args, overrides, config, paths, system, checkpoint)
 
     viewer = None

@@ -1,7 +1,8 @@
 """Reading a scene's files as users have them, shared by every loader and the command-line
 tools (imgs2poses, gen_cameras, scripts/): DatasetError, image and mask reading, mask lookup,
-size checks. It imports numpy, OpenCV and Pillow (for headers) only: no torch, nothing from
-the rest of the framework (a leaf: the loaders and the tools build on it).
+size checks. It imports numpy, OpenCV and Pillow (for headers) only, and utils.prefetch (every file
+is read through its imread, which may already hold the pixels): no torch, nothing else of the
+framework (a leaf: the loaders and the tools build on it).
 
 What a photo may be (read_photo):
     .png .jpg .jpeg in any letter case; 8- or 16-bit (16-bit scaled to 8: round(v * 255 / 65535));
@@ -21,6 +22,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import cv2
 import numpy as np
 from PIL import Image
+
+from utils import prefetch
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def _is_jpeg(path: str) -> bool:
 def _decode(path: str, what: str) -> np.ndarray:
     """The pixels as stored (any depth, any channels); JPEGs upright after their EXIF rotation
     (IMREAD_COLOR applies it, IMREAD_UNCHANGED would not; a JPEG has no alpha and 8 bits)."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR if _is_jpeg(path) else cv2.IMREAD_UNCHANGED)
+    image = prefetch.imread(path, prefetch.photo_flags(path))
     if image is None:
         raise DatasetError(f"cannot read {what} {path} (missing, corrupt or not an image): replace or remove it")
     return image
@@ -113,7 +116,7 @@ def read_mask(path: str) -> np.ndarray:
     object bright: its luminance as OpenCV reads it in grayscale (IMREAD_GRAYSCALE, as the
     loaders always did: bit for bit the same masks), times the alpha where there is one (a
     transparent pixel is not the object)."""
-    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    mask = prefetch.imread(path, cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise DatasetError(f"cannot read mask {path} (missing, corrupt or not an image): replace or remove it")
     if not _is_jpeg(path) and has_alpha(path):
