@@ -66,7 +66,7 @@ class ExportConfig:
     # resolution (dataset.img_downscale / texture_photo_scale, never finer than the files; the
     # training images themselves when that is their size, e.g. the demo at img_downscale 1). A
     # training pixel is the mean of img_downscale^2 file pixels: finer photos keep the detail a
-    # 2048^2 atlas can hold (scan 24: +0.06 dB at one ray a pixel, +0.12 supersampled). The
+    # 2048^2 atlas can hold (scan 24: +0.06 dB at one ray a pixel, +0.11 supersampled). The
     # z-buffers keep the training size (their cost; finer ones changed nothing). 1: the training images.
     texture_photo_scale: float = 2.0
 
