@@ -91,9 +91,12 @@ def pixel_directions(
 class RayDataset:
     """Holds a scene's views on the training device; draws random rays from all training
     views each step and gives the rays of whole views for evaluation. gt_mesh: the path of
-    the scene's ground-truth mesh (world frame), or None; every dataset answers it."""
+    the scene's ground-truth mesh (world frame), or None; every dataset answers it. config: the
+    dataset's config section (every registered dataset keeps it; the texture export re-reads
+    the photos through it at another img_downscale)."""
 
     gt_mesh: Optional[str] = None
+    config = None
 
     def __init__(self, views: Views, holdout_every: int, apply_mask: bool, background_color: str, device):
         self.views = views

@@ -10,12 +10,23 @@
 
 each mesh ray-cast with Intel Embree (embreex, through trimesh: triangle id + barycentrics ->
 UV -> bilinear texture lookup), rays that miss the mesh taking the evaluation background, as in
-the volume renders. Also times the textured export.
+the volume renders. Also times the textured export. The photos that colour (a) and (b) are those
+of the export (systems.texture.Cameras.training: export.texture_photo_scale times finer than the
+training images, at most the files').
+
+Each mesh render is scored twice: with one ray through each pixel's centre (keys "textured",
+"vertex_same_faces", "vertex_full") and supersampled (keys "..._ss"): --supersample N x N rays
+per pixel at the centres of an N x N grid of sub-pixels (offsets (i + 0.5) / N - 0.5 pixels
+around the pixel centre), box-averaged. A held-out pixel at img_downscale d is the mean of a
+d x d block of the files' pixels, and a viewer filters a texture with mip-maps; one ray at the pixel
+centre point-samples a 2048^2 atlas that is finer than the views' pixels, and aliases, so the
+supersampled PSNR is the fair comparison. The volume column (c) is the --test render (one
+ray a pixel) either way.
 
     pip install embreex   # Embree ray casting; not a requirement of the framework, only this script uses it
     python scripts/eval_texture.py --config confs/neus-dtu-wmask-cpu.yaml --resume CKPT \
         dataset.root_dir=../shared/data/dtu_scan24 [--faces 100000 --size 2048] [--rules photos,head_on] \
-        [--json out.json]
+        [--supersample 4] [--json out.json]
 
 The textured files of each rule go to save/it<step>-mc<res>-<rule>-textured.*; the volume renders
 are kept as save/it<step>-texture-eval/volume-<view>-<W>x<H>.npy for the next run.
@@ -73,6 +84,37 @@ class MeshCaster:
         return hit, face, bary
 
 
+def subpixel_offsets(n: int) -> np.ndarray:
+    """The centres of an n x n grid of sub-pixels, as (du, dv) offsets in pixels from the pixel
+    centre: (i + 0.5) / n - 0.5 along each axis, row-major (dv outer) -> [n * n, 2]."""
+    steps = (np.arange(n) + 0.5) / n - 0.5  # [n]
+    dv, du = np.meshgrid(steps, steps, indexing="ij")
+    return np.stack([du.reshape(-1), dv.reshape(-1)], axis=1)
+
+
+def view_rays_at(dataset, view: int, offset) -> tuple:
+    """The rays of view `view` through every pixel centre moved by offset (du, dv) pixels, in
+    dataset.view_rays's row-major pixel order and through process_data.base.pixel_directions
+    (pixel centres at integer (u, v)) -> rays_o [H*W, 3], rays_d [H*W, 3] (numpy)."""
+    from process_data.base import pixel_directions
+
+    h, w = dataset.height, dataset.width
+    v, u = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    u = u.reshape(-1).float() + float(offset[0])  # [H*W]
+    v = v.reshape(-1).float() + float(offset[1])
+    intrinsics = dataset.intrinsics[view].cpu().expand(len(u), 3, 3)
+    c2w = dataset.c2w[view].cpu().expand(len(u), 3, 4)
+    return c2w[:, :, 3].numpy(), pixel_directions(u, v, intrinsics, c2w).numpy()
+
+
+def supersampled(render, dataset, view: int, n: int) -> np.ndarray:
+    """render(rays) -> [H*W, 3] averaged over n x n rays a pixel (subpixel_offsets) -> [H*W, 3]."""
+    total = 0.0
+    for offset in subpixel_offsets(n):
+        total = total + render(view_rays_at(dataset, view, offset))
+    return total / (n * n)
+
+
 def render_vertex_coloured(caster: MeshCaster, colours: np.ndarray, rays, background):
     hit, face, bary = caster.cast(*rays)
     rgb = np.einsum("ni,nic->nc", bary, colours[caster.faces[face]])
@@ -122,10 +164,13 @@ def export_and_reload(system, cfg, rule_stem: str, full, cameras, device, timing
     return tex_vertices, np.asarray(textured.faces), uv, image
 
 
-def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, volume, out_dir: str, device):
+def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, volume, out_dir: str, device,
+                 supersample: int = 1):
     """Export the textured mesh coloured by `rule` and score (a), (b), (b') and (c) in the
-    held-out views (cfg: the run's export config, its texture_colour set to `rule`) -> that rule's entry of the result (per view and mean PSNR, faces, seconds);
-    writes out_dir/<view>-<rule>.png panels."""
+    held-out views (cfg: the run's export config, its texture_colour set to `rule`), the meshes
+    at one ray a pixel and, with supersample N > 1, also at N x N rays a pixel (keys "<mesh>_ss")
+    -> that rule's entry of the result (per view and mean PSNR, faces, seconds); writes
+    out_dir/<view>-<rule>.png panels (the supersampled renders when there are some)."""
     from systems.texture import vertex_colours
     from utils.metrics import psnr
 
@@ -145,26 +190,33 @@ def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, 
     full_colours = np.asarray(full.visual.vertex_colors)[:, :3].astype(np.float64) / 255.0
     casters = {"textured": MeshCaster(tex_vertices, tex_faces), "vertex_same_faces": MeshCaster(dec_vertices, dec_faces)}
     per_view = {}
+    start = time.perf_counter()
     for view, volume_rgb in volume.items():
         rays = dataset.view_rays(view)
         ray_np = (rays["rays_o"].cpu().numpy(), rays["rays_d"].cpu().numpy())
         background = rays["background"].cpu().numpy()
         gt = rays["rgb"].view(h, w, 3)
         mask = rays["mask"].view(h, w)
-        renders = {
-            "textured": render_textured(casters["textured"], uv, tex_faces, image, ray_np, background),
-            "vertex_same_faces": render_vertex_coloured(casters["vertex_same_faces"], dec_colours, ray_np, background),
-            "vertex_full": render_vertex_coloured(full_caster, full_colours, ray_np, background),
-            "volume": volume_rgb,
+        meshes = {  # rays -> [H*W, 3]
+            "textured": lambda r: render_textured(casters["textured"], uv, tex_faces, image, r, background),
+            "vertex_same_faces": lambda r: render_vertex_coloured(casters["vertex_same_faces"], dec_colours, r,
+                                                                  background),
+            "vertex_full": lambda r: render_vertex_coloured(full_caster, full_colours, r, background),
         }
+        renders = {k: render(ray_np) for k, render in meshes.items()}
+        renders["volume"] = volume_rgb
+        if supersample > 1:
+            renders.update({f"{k}_ss": supersampled(render, dataset, view, supersample) for k, render in meshes.items()})
         per_view[f"{view:06d}"] = {
             k: psnr(torch.from_numpy(v.reshape(h, w, 3)).float(), gt.cpu().float(), mask.cpu())
             for k, v in renders.items()
         }
-        panel = np.concatenate([renders[k].reshape(h, w, 3) for k in ("textured", "vertex_same_faces", "volume")]
+        shown = ("textured_ss", "vertex_same_faces_ss") if supersample > 1 else ("textured", "vertex_same_faces")
+        panel = np.concatenate([renders[k].reshape(h, w, 3) for k in (*shown, "volume")]
                                + [gt.cpu().numpy()], axis=1)
         imageio.imwrite(os.path.join(out_dir, f"{view:06d}-{rule}.png"),
                         (np.clip(panel, 0, 1) * 255 + 0.5).astype(np.uint8))
+    timings["mesh_renders"] = time.perf_counter() - start
     return {
         "views": per_view,
         "mean_psnr_masked": {k: float(np.mean([v[k] for v in per_view.values()])) for k in next(iter(per_view.values()))},
@@ -199,8 +251,12 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=2048, help="export.texture_size")
     parser.add_argument("--rules", default=None,
                         help="comma-separated export.texture_colour rules to measure (default: the config's)")
+    parser.add_argument("--supersample", type=int, default=4,
+                        help="also score the meshes at N x N rays a pixel, box-averaged (1: one ray a pixel only)")
     parser.add_argument("--json", default=None, help="write the table here (default: beside the mesh)")
     args, overrides = parser.parse_known_args(argv)
+    if args.supersample < 1:
+        parser.error(f"--supersample must be >= 1, got {args.supersample}")
 
     from systems.texture import Cameras
 
@@ -214,7 +270,9 @@ def main(argv=None) -> int:
     full = trimesh.load(f"{stem}.ply", process=False)
     full_caster = MeshCaster(trimesh.transform_points(np.asarray(full.vertices), np.linalg.inv(system.dataset.views.scale_mat)),
                              np.asarray(full.faces))
-    cameras = Cameras.training(system.dataset)
+    start = time.perf_counter()
+    cameras = Cameras.training(system.dataset, cfg.texture_photo_scale)  # the export's photos
+    photos_seconds = time.perf_counter() - start
     rules = args.rules.split(",") if args.rules else [cfg.texture_colour]
     views = system.dataset.split["test"] or system.dataset.split["train"][::8]
     out_dir = os.path.join(paths.save_dir, f"it{step:06d}-texture-eval")
@@ -222,16 +280,23 @@ def main(argv=None) -> int:
     volume = volume_renders(system, views, out_dir)
     results = {}
     for rule in rules:
-        results[rule] = measure_rule(system, cfg, rule, stem, full, full_caster, cameras, volume, out_dir, device)
+        results[rule] = measure_rule(system, cfg, rule, stem, full, full_caster, cameras, volume, out_dir, device,
+                                     args.supersample)
         print(rule, json.dumps({k: results[rule][k] for k in ("mean_psnr_masked", "seconds")}), flush=True)
     result = {
         "checkpoint": os.path.abspath(args.resume),
         "step": step,
         "texture_size": args.size,
         "texture_views": cfg.texture_views,
+        "texture_photo_scale": cfg.texture_photo_scale,
+        "photo_size": [int(cameras.images.shape[2]), int(cameras.images.shape[1])],
+        "depth_size": [int(system.dataset.width), int(system.dataset.height)],
+        "photos_seconds": photos_seconds,
+        "supersample": args.supersample,
         "mesh_export_seconds": mesh_seconds,
         "rules": results,
-        "panels": "textured | vertex-coloured (same faces, same rule) | volume | photo",
+        "panels": "textured | vertex-coloured (same faces, same rule) | volume | photo"
+                  + (f" (meshes at {args.supersample}x{args.supersample} rays a pixel)" if args.supersample > 1 else ""),
     }
     out = args.json or f"{stem}-texture-eval.json"
     with open(out, "w") as f:

@@ -7,12 +7,16 @@ projection, z-buffer, view weights) is in utils/texture.py; this module is the m
 which 3D point each texel shows and the colour it gets there, by export.texture_colour:
 - `photos`: the training photos that see the point (depth test against the mesh, the mask where
   there is one), blended with weights cos^VIEW_POWER (all of them, or the export.texture_views
-  most frontal); the colour network seen head-on where no photo sees the point;
+  most frontal); the colour network seen head-on where no photo sees the point. The photos are
+  the training views' files re-read export.texture_photo_scale times finer than training
+  (Cameras.training); the z-buffers keep the training resolution;
 - `network_views`: the colour network along those same views' directions, blended alike;
 - `head_on`: the colour network seen head-on from the normal, as the .ply's vertex colours
   (NeuSModel.surface_colors). No photo sees a surface from there, so it matches no view well.
 Network evaluations run in chunks under no_grad.
 """
+import copy
+import dataclasses
 import logging
 import os
 import time
@@ -78,35 +82,137 @@ def surface_colours(model, points: np.ndarray, chunk: int, device) -> np.ndarray
     return out
 
 
+def photo_downscale(train_downscale: float, photo_scale: float) -> float:
+    """dataset.img_downscale of the texture's photos: photo_scale times finer than the training
+    images' (train_downscale), never finer than the files (1): max(1, train / scale)."""
+    if not photo_scale > 0:
+        raise ValueError(f"export.texture_photo_scale must be > 0, got {photo_scale}")
+    return max(1.0, float(train_downscale) / float(photo_scale))
+
+
+def with_img_downscale(config, downscale: float):
+    """A copy of a dataset config (an OmegaConf section or a dataclass) with img_downscale set."""
+    if dataclasses.is_dataclass(config):
+        return dataclasses.replace(config, img_downscale=downscale)
+    config = copy.deepcopy(config)
+    config.img_downscale = downscale
+    return config
+
+
+def check_same_cameras(photos, training, index) -> None:
+    """The re-read views `photos` must be the training views `training` (both Views) seen at
+    another resolution: the same poses, the intrinsics the training ones rescaled
+    (downscale_matrix(photo width / training width) @ K_photo = K_train). ValueError naming
+    export.texture_photo_scale and the first view that differs."""
+    from utils.camera import downscale_matrix
+
+    factor = photos.images.shape[2] / training.images.shape[2]
+    if abs(photos.images.shape[1] / training.images.shape[1] - factor) > 1e-9:
+        raise ValueError(f"export.texture_photo_scale: the photos re-read at {photos.images.shape[2]}x"
+                         f"{photos.images.shape[1]} do not scale the training images' "
+                         f"{training.images.shape[2]}x{training.images.shape[1]} alike on both axes")
+    rescaled = downscale_matrix(factor)[None] @ photos.intrinsics[index]  # [C, 3, 3]
+    for c, i in enumerate(index):
+        scale = np.abs(training.intrinsics[i]).max()
+        if not (np.allclose(photos.c2w[i], training.c2w[i], atol=1e-6)
+                and np.allclose(rescaled[c], training.intrinsics[i], rtol=0.0, atol=1e-6 * scale)):
+            raise ValueError(f"export.texture_photo_scale: the photos re-read from the files have other cameras than "
+                             f"training's (view {i}, {training.names[i]}); set export.texture_photo_scale=1")
+
+
+def texture_photos(dataset, photo_scale: float):
+    """The Views the texture's photos come from: `dataset`'s own (dataset.views) when
+    photo_scale asks for no finer photos than training's (it is 1, or the training images are
+    the files' size: never finer than the files), else the scene re-read from its files by the
+    same loader (DATASETS, the run's dataset config with img_downscale = photo_downscale(...)),
+    on the CPU, checked to hold the same cameras. Falls back to dataset.views, with a log line,
+    where the loader cannot go finer (no config, or the files do not divide). Logs which
+    photo size the texture uses."""
+    from process_data import DATASETS
+    from process_data.loading import DatasetError
+
+    views = dataset.views
+    height, width = views.images.shape[1:3]
+    config = getattr(dataset, "config", None)
+    if getattr(config, "img_downscale", None) is None or not getattr(config, "name", None):
+        log.info("texture photos: the training images as loaded, %dx%d (the dataset has no config to re-read its "
+                 "files finer by export.texture_photo_scale %g)", width, height, photo_scale)
+        return views
+    train_downscale = float(config.img_downscale)
+    downscale = photo_downscale(train_downscale, photo_scale)
+    if abs(downscale - train_downscale) < 1e-9:
+        log.info("texture photos: the training images as loaded, %dx%d (dataset.img_downscale %g; "
+                 "export.texture_photo_scale %g%s)", width, height, train_downscale, photo_scale,
+                 "" if photo_scale == 1 else ": the files are no finer")
+        return views
+    start = time.perf_counter()
+    try:
+        photos = DATASETS.get(config.name)(with_img_downscale(config, downscale), "cpu").views
+    except DatasetError as e:
+        log.warning("texture photos: the training images as loaded, %dx%d: re-reading the files at "
+                    "dataset.img_downscale %g (export.texture_photo_scale %g) failed: %s",
+                    width, height, downscale, photo_scale, e)
+        return views
+    if len(photos.images) != len(views.images):
+        raise ValueError(f"export.texture_photo_scale: the files re-read at dataset.img_downscale {downscale:g} hold "
+                         f"{len(photos.images)} views, training {len(views.images)}")
+    check_same_cameras(photos, views, list(dataset.split["train"]))
+    log.info("texture photos: %dx%d, the files re-read at dataset.img_downscale %g (export.texture_photo_scale %g "
+             "x the training images' %dx%d, which size the z-buffers) in %.1f s", photos.images.shape[2],
+             photos.images.shape[1], downscale, photo_scale, width, height, time.perf_counter() - start)
+    return photos
+
+
 @dataclass
 class Cameras:
-    """The training views a texture is coloured from (normalised frame)."""
+    """The training views a texture is coloured from (normalised frame): their photos (maybe
+    finer than the training images), and the size the z-buffers are made at."""
 
-    intrinsics: np.ndarray  # [C, 3, 3]
+    intrinsics: np.ndarray  # [C, 3, 3] of the photos
     c2w: np.ndarray  # [C, 3, 4]
-    images: np.ndarray  # [C, H, W, 3] uint8
-    masks: Optional[np.ndarray] = None  # [C, H, W] in [0, 1], or None
+    images: np.ndarray  # [C, H, W, 3] uint8, the photos
+    masks: Optional[np.ndarray] = None  # [C, H, W] in [0, 1] (the photos' size), or None
+    depth_size: Optional[Tuple[int, int]] = None  # (width, height) the z-buffers are sized from (the training images'); None: the photos'
 
     @classmethod
-    def training(cls, dataset) -> "Cameras":
-        """The training split of a RayDataset (never its held-out views)."""
+    def training(cls, dataset, photo_scale: float = 1.0) -> "Cameras":
+        """The training split of a RayDataset (never its held-out views), the photos at
+        photo_scale times the training images' resolution (texture_photos; at most the
+        files'), the z-buffers sized from the training images. Numpy arrays on the CPU."""
         index = list(dataset.split["train"])
-        views = dataset.views
+        views = texture_photos(dataset, photo_scale)
         masks = views.masks[index] if dataset.has_masks and views.masks is not None else None
         return cls(views.intrinsics[index].astype(np.float64), views.c2w[index].astype(np.float64),
-                   views.images[index], masks)
+                   views.images[index], masks, (dataset.width, dataset.height))
+
+
+def depth_pixels(photo_size: Tuple[int, int], depth_size: Tuple[int, int]) -> Tuple[Tuple[int, int], np.ndarray]:
+    """The z-buffers' (width, height): depth_size (the training images') fitted within DEPTH_SIZE
+    a side, and the z-buffer pixels per photo pixel along x and y, scale [2]. A photo point u
+    lies at (u + 0.5) s - 0.5 in the z-buffer (pixel centres at integers on both, as
+    utils.camera.downscale_matrix)."""
+    fit = min(1.0, DEPTH_SIZE / max(depth_size))
+    size = (max(1, round(depth_size[0] * fit)), max(1, round(depth_size[1] * fit)))
+    return size, np.array([size[0] / photo_size[0], size[1] / photo_size[1]])
+
+
+def rescale_matrix(scale: np.ndarray) -> np.ndarray:
+    """S [3, 3] with S @ K the camera of an image resampled by scale [2] (x, y) pixels per
+    pixel, pixel centres staying at integers: u' = (u + 0.5) s_x - 0.5."""
+    return np.array([[scale[0], 0.0, 0.5 * scale[0] - 0.5], [0.0, scale[1], 0.5 * scale[1] - 0.5], [0.0, 0.0, 1.0]])
 
 
 class ViewSelector:
     """Which training cameras see the points of one mesh, and how much each counts: the mesh's
-    z-buffer in every camera (at most DEPTH_SIZE pixels a side), built once."""
+    z-buffer in every camera (the training images' size, at most DEPTH_SIZE pixels a side), built
+    once. Points project into the photos with the photos' intrinsics (where their colour is
+    sampled) and into the z-buffers with depth_intrinsics (the depth test)."""
 
     def __init__(self, cameras: Cameras, vertices: np.ndarray, faces: np.ndarray):
         self.cameras = cameras
         height, width = cameras.images.shape[1:3]
-        self.scale = min(1.0, DEPTH_SIZE / max(height, width))
-        self.size = (max(1, round(width * self.scale)), max(1, round(height * self.scale)))
-        self.depth_intrinsics = cameras.intrinsics * np.array([self.scale, self.scale, 1.0])[None, :, None]
+        self.size, self.scale = depth_pixels((width, height), cameras.depth_size or (width, height))
+        self.depth_intrinsics = rescale_matrix(self.scale)[None] @ cameras.intrinsics  # [C, 3, 3]
         depths = []
         for c in range(len(cameras.c2w)):
             uv, z = project(vertices, self.depth_intrinsics[c:c + 1], cameras.c2w[c:c + 1])
@@ -116,13 +222,14 @@ class ViewSelector:
             self.depth[self.background_at_depth_pixels(cameras.masks)] = -np.inf
 
     def background_at_depth_pixels(self, masks: np.ndarray) -> np.ndarray:
-        """masks [C, H, W] (photo size) -> bool [C, h, w]: the z-buffer pixels whose nearest photo
-        pixel is background (mask < 0.5). At scale 1 it is the mask itself. The rounding is
-        utils.texture.nearest_pixel's, done per axis: [h] rows and [w] columns, not [C, h w] pairs."""
-        width, height = self.size
-        cols = np.clip(np.rint(np.arange(width) / self.scale), 0, masks.shape[2] - 1).astype(np.int64)
-        rows = np.clip(np.rint(np.arange(height) / self.scale), 0, masks.shape[1] - 1).astype(np.int64)
-        return masks[:, rows[:, None], cols[None, :]] < 0.5
+        """masks [C, H, W] (photo size) -> bool [C, h, w]: the z-buffer pixels whose footprint in
+        the photo is mostly background (the mask's area average over it < 0.5, cv2 INTER_AREA as
+        the loaders downscale). At the photo's size it is the mask itself."""
+        from process_data.loading import resize
+
+        if (masks.shape[2], masks.shape[1]) == tuple(self.size):
+            return masks < 0.5
+        return np.stack([resize(np.ascontiguousarray(m, dtype=np.float32), self.size) for m in masks]) < 0.5
 
     def select(self, points: np.ndarray, normals: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """points [N, 3], unit normals [N, 3] -> the k most frontal cameras that see each point
@@ -133,9 +240,11 @@ class ViewSelector:
         # float32 for the [C, N] arrays (half the memory traffic; 1e-4 pixel at 1000 pixels)
         points, normals = points.astype(np.float32), normals.astype(np.float32)
         c2w = cams.c2w.astype(np.float32)
-        uv, z = project(points, cams.intrinsics.astype(np.float32), c2w)  # [C, N, 2], [C, N]
+        uv, z = project(points, cams.intrinsics.astype(np.float32), c2w)  # [C, N, 2], [C, N] in the photos
         tolerance = DEPTH_SLACK + 2.0 * z / self.depth_intrinsics[:, 0, 0][:, None].astype(np.float32)  # [C, N]
-        visible = depth_test(uv * np.float32(self.scale), z, self.depth, tolerance)  # [C, N] (and on the mask: see __init__)
+        scale = self.scale.astype(np.float32)
+        depth_uv = uv if (self.scale == 1).all() else (uv + np.float32(0.5)) * scale - np.float32(0.5)  # [C, N, 2]
+        visible = depth_test(depth_uv, z, self.depth, tolerance)  # [C, N] (and on the mask: see __init__)
         cos = facing(normals, points, c2w[:, :, 3])  # [C, N]
         view, weight = top_views(view_weights(cos, visible, VIEW_POWER, MIN_COS), k if k > 0 else len(cams.c2w))
         return view, weight, uv[view, np.arange(len(points))[:, None]]

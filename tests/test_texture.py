@@ -1,5 +1,7 @@
 """Textured mesh export: the atlas maths on hand-worked cases, and an export round trip whose
 texture must show the colour field it was baked from, at the right places, in the world frame."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -304,3 +306,194 @@ def test_bake_with_photos_takes_every_texel_from_the_photos():
     texels = image[face_id >= 0].astype(int)
     assert (texels[:, 1] == 0).all()
     assert (np.abs(texels[:, 0] + texels[:, 2] - 255) <= 1).all()
+
+
+# --- the photos at export.texture_photo_scale, the z-buffers at the training size -------------
+
+def test_photo_downscale_rule():
+    """dataset.img_downscale of the texture's photos: training's / texture_photo_scale, never
+    below 1 (the files)."""
+    from systems.texture import photo_downscale
+
+    assert photo_downscale(4.0, 2.0) == 2.0  # scan 24 trained at 400x300: photos 800x600
+    assert photo_downscale(4.0, 1.0) == 4.0  # scale 1: the training images
+    assert photo_downscale(4.0, 8.0) == 1.0  # never finer than the files
+    assert photo_downscale(1.0, 2.0) == 1.0  # the demo, trained at its files' size
+    assert photo_downscale(8.0, 2.5) == 3.2
+    with pytest.raises(ValueError, match="texture_photo_scale"):
+        photo_downscale(4.0, 0.0)
+
+
+def test_no_reload_when_the_photos_would_be_the_training_images(caplog):
+    """img_downscale 1 (the demo) with scale 2, or scale 1 at any downscale: dataset.views
+    itself, no loader called (the name is not even a registered dataset)."""
+    from types import SimpleNamespace
+
+    from systems.texture import texture_photos
+
+    views = SimpleNamespace(images=np.zeros((3, 30, 40, 3), np.uint8))
+    for downscale, scale in ((1.0, 2.0), (1.0, 8.0), (4.0, 1.0)):
+        dataset = SimpleNamespace(views=views, split={"train": [1, 2]},
+                                  config=SimpleNamespace(name="no-such-loader", img_downscale=downscale))
+        with caplog.at_level("INFO"):
+            assert texture_photos(dataset, scale) is views
+        assert "texture photos: the training images as loaded, 40x30" in caplog.text
+
+
+def look_at_opencv(centre, target):
+    """c2w [3, 4], OpenCV axes, world z up."""
+    z = np.asarray(target, float) - centre
+    z /= np.linalg.norm(z)
+    x = np.cross(z, [0.0, 0.0, 1.0])
+    x /= np.linalg.norm(x)
+    return np.hstack([np.stack([x, np.cross(z, x), z], axis=1), np.asarray(centre, float)[:, None]])
+
+
+def write_neus_scene(root, width=32, height=24, n_views=4):
+    """A NeuS-format scene of random photos and masks at width x height, K = [[40, 0, 15.5],
+    [0, 40, 11.5], [0, 0, 1]], cameras at distance 3 around the origin, scale_mat = I ->
+    the photos [n, h, w, 3] RGB, K, c2w [n, 3, 4]."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "image"), os.makedirs(root / "mask")
+    K = np.array([[40.0, 0.0, 15.5], [0.0, 40.0, 11.5], [0.0, 0.0, 1.0]])
+    cameras, photos, c2ws = {}, [], []
+    for i in range(n_views):
+        angle = 2 * np.pi * i / n_views
+        c2w = look_at_opencv([3 * np.cos(angle), 3 * np.sin(angle), 1.0], [0.0, 0.0, 0.0])
+        R = c2w[:, :3].T
+        world_mat = np.eye(4)
+        world_mat[:3] = K @ np.hstack([R, -(R @ c2w[:, 3])[:, None]])
+        cameras[f"world_mat_{i}"], cameras[f"scale_mat_{i}"] = world_mat, np.eye(4)
+        photo = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), np.uint8)
+        mask[4:20, 8:24] = 255
+        cv2.imwrite(str(root / "image" / f"{i:06d}.png"), photo[:, :, ::-1])
+        cv2.imwrite(str(root / "mask" / f"{i:06d}.png"), mask)
+        photos.append(photo)
+        c2ws.append(c2w)
+    np.savez(root / "cameras_sphere.npz", **cameras)
+    return np.stack(photos), K, np.stack(c2ws)
+
+
+def test_photos_re_read_at_the_files_size_through_the_loader(tmp_path, caplog):
+    """A 32x24 scene trained at img_downscale 2 (16x12): texture_photo_scale 2 re-reads the
+    files themselves (32x24, the file's K, the same poses, masks at 32x24), the z-buffers
+    sized from the training images (16x12); scale 4 asks finer than the files: the same 32x24;
+    scale 1: the training images as loaded."""
+    from process_data.dtu import DTUDataset
+    from systems.texture import Cameras
+
+    photos, K, c2w = write_neus_scene(tmp_path / "scene")
+    config = DTUDataset.parse_config({"name": "dtu", "root_dir": str(tmp_path / "scene"), "img_downscale": 2,
+                                      "holdout_every": 4}, "dataset")
+    dataset = DTUDataset(config, "cpu")
+    assert dataset.split["train"] == [1, 2, 3] and (dataset.width, dataset.height) == (16, 12)
+    for scale in (2.0, 4.0):
+        with caplog.at_level("INFO"):
+            cameras = Cameras.training(dataset, scale)
+        assert "texture photos: 32x24, the files re-read at dataset.img_downscale 1" in caplog.text
+        np.testing.assert_array_equal(cameras.images, photos[1:])
+        np.testing.assert_allclose(cameras.intrinsics, np.stack([K] * 3), atol=1e-6)
+        np.testing.assert_allclose(cameras.c2w, c2w[1:], atol=1e-6)
+        assert cameras.masks.shape == (3, 24, 32) and cameras.masks[0, 4, 8] == 1 and cameras.masks[0, 3, 8] == 0
+        assert cameras.depth_size == (16, 12)
+    assert config.img_downscale == 2  # the run's config is left as it was
+    training = Cameras.training(dataset, 1.0)
+    assert training.images.shape == (3, 12, 16, 3) and training.depth_size == (16, 12)
+    # K of the 16x12 images: u' = (u + 0.5) / 2 - 0.5: f 20, centre (7.5, 5.5)
+    np.testing.assert_allclose(training.intrinsics[0], [[20.0, 0, 7.5], [0, 20.0, 5.5], [0, 0, 1]], atol=1e-6)
+
+
+def two_view_scene_at(factor):
+    """two_view_scene with 50x50 z-buffer-sized cameras (f 50, centre 24.5) whose photos are
+    `factor` times finer: f 50 factor, centre (24.5 + 0.5) factor - 0.5; photo 1 red, photo 2
+    blue; camera 2's mask background over z-buffer pixels [20, 30)^2."""
+    _, vertices, faces = two_view_scene()
+    f, c = 50.0 * factor, 25.0 * factor - 0.5
+    intrinsics = np.array([[[f, 0, c], [0, f, c], [0, 0, 1]]] * 2)
+    c2w = np.stack([look_at([0.0, 0, 2], [0, 0, 0]), look_at([2.0, 0, 2], [0, 0, 0])])
+    n = 50 * factor
+    images = np.zeros((2, n, n, 3), np.uint8)
+    images[0, ..., 0], images[1, ..., 2] = 255, 255
+    masks = np.ones((2, 50, 50), np.float32)
+    masks[1, 20:30, 20:30] = 0.0
+    masks = masks.repeat(factor, axis=1).repeat(factor, axis=2)
+    return Cameras(intrinsics, c2w, images, masks, (50, 50)), vertices, faces
+
+
+def test_photos_at_twice_the_z_buffer_size_see_what_the_training_size_sees():
+    """Photos 100x100 with z-buffers sized from 50x50 training images: the z-buffer camera is
+    the 50x50 one (f 50, centre 24.5), the z-buffers and the mask are those of photos at
+    50x50, every point is seen by the same views with the same weights, and its photo pixel is
+    2 u + 0.5."""
+    one, vertices, faces = two_view_scene_at(1)
+    two, _, _ = two_view_scene_at(2)
+    selector_one, selector_two = ViewSelector(one, vertices, faces), ViewSelector(two, vertices, faces)
+    assert selector_two.size == (50, 50)
+    np.testing.assert_allclose(selector_two.scale, [0.5, 0.5])
+    np.testing.assert_allclose(selector_two.depth_intrinsics[1], [[50.0, 0, 24.5], [0, 50.0, 24.5], [0, 0, 1]])
+    np.testing.assert_allclose(selector_two.depth, selector_one.depth, rtol=1e-6)
+    assert np.isneginf(selector_two.depth[1, 20:30, 20:30]).all() and np.isneginf(selector_two.depth).sum() == 100
+    grid = np.linspace(-0.95, 0.95, 39)
+    points = np.stack(np.meshgrid(grid, grid, [0.0], indexing="ij"), axis=-1).reshape(-1, 3)
+    normals = np.tile([0.0, 0.0, 1.0], (len(points), 1))
+    view_one, weight_one, uv_one = selector_one.select(points, normals, 0)
+    view_two, weight_two, uv_two = selector_two.select(points, normals, 0)
+    np.testing.assert_array_equal(view_two, view_one)
+    np.testing.assert_allclose(weight_two, weight_one, atol=1e-6)
+    assert 0 < (weight_one[:, 1] == 0).sum() < len(points)  # camera 2 misses some (occluder, mask, border)
+    np.testing.assert_allclose(uv_two, 2 * uv_one + 0.5, atol=1e-3)
+
+
+def test_background_at_depth_pixels_is_the_mask_averaged_over_the_footprint():
+    """A z-buffer pixel covers 2x2 photo pixels: background when fewer than half of them show
+    the object (1 of 4: background; 2 of 4: the object)."""
+    cameras, vertices, faces = two_view_scene_at(1)
+    selector = ViewSelector(cameras, vertices, faces)
+    masks = np.ones((1, 100, 100), np.float32)
+    masks[0, 0:2, 0:2] = [[0, 0], [0, 1]]  # 1 of 4 object
+    masks[0, 0:2, 2:4] = [[0, 1], [0, 1]]  # 2 of 4
+    masks[0, 2:4, 0:2] = [[0, 0], [0, 0]]
+    background = selector.background_at_depth_pixels(masks)
+    assert background.shape == (1, 50, 50)
+    np.testing.assert_array_equal(background[0, :2, :2], [[True, False], [True, False]])
+    assert background.sum() == 2
+
+
+def load_eval_texture():
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("eval_texture", os.path.join(ROOT, "scripts", "eval_texture.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_supersampling_rays_by_hand():
+    """N = 2: sub-pixel centres at -0.25 and +0.25 pixels on each axis, row-major. Through a 2x2
+    camera (f 2, centre (0.5, 0.5), identity pose) the offset 0 gives view_rays' rays, and
+    pixel (0, 0) moved by (-0.25, -0.25) looks along (-0.375, -0.375, 1) / |.|: u - cx =
+    -0.75, over f = 2."""
+    from process_data.base import RayDataset, Views
+
+    script = load_eval_texture()
+    np.testing.assert_allclose(script.subpixel_offsets(2), [[-0.25, -0.25], [0.25, -0.25], [-0.25, 0.25], [0.25, 0.25]])
+    np.testing.assert_allclose(script.subpixel_offsets(1), [[0.0, 0.0]])
+    views = Views(images=np.zeros((1, 2, 2, 3), np.uint8), masks=None,
+                  intrinsics=np.array([[[2.0, 0, 0.5], [0, 2.0, 0.5], [0, 0, 1]]]),
+                  c2w=np.hstack([np.eye(3), np.zeros((3, 1))])[None], scale_mat=np.eye(4),
+                  world_mats=np.eye(4)[None], names=["0"])
+    dataset = RayDataset(views, 0, False, "white", "cpu")
+    rays_o, rays_d = script.view_rays_at(dataset, 0, (0.0, 0.0))
+    np.testing.assert_allclose(rays_d, dataset.view_rays(0)["rays_d"].numpy(), atol=1e-7)
+    np.testing.assert_allclose(rays_o, 0.0)
+    _, rays_d = script.view_rays_at(dataset, 0, (-0.25, -0.25))
+    np.testing.assert_allclose(rays_d[0], np.array([-0.375, -0.375, 1.0]) / np.sqrt(1 + 2 * 0.375 ** 2), atol=1e-6)
+    # the box average of a render that is the ray's x direction: the mean over the 4 sub-pixels
+    mean = script.supersampled(lambda rays: rays[1][:, :1], dataset, 0, 2)
+    expected = np.mean([script.view_rays_at(dataset, 0, o)[1][:, :1] for o in script.subpixel_offsets(2)], axis=0)
+    np.testing.assert_allclose(mean, expected, atol=1e-7)
