@@ -154,7 +154,9 @@ class LambdaSchedule:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch, "_last_lr": self.get_last_lr()}
+        """LambdaLR's keys (lr_lambdas None: the factor is code, not state), so either loads it."""
+        return {"base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch, "_step_count": self.last_epoch + 1,
+                "_last_lr": self.get_last_lr(), "lr_lambdas": [None] * len(self.base_lrs)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """This class's or LambdaLR's state; the groups' current lr come with the optimizer's."""

@@ -78,7 +78,10 @@ def test_state_dict_loads_both_ways():
     sched.load_state_dict(ref_sched.state_dict())
     assert sched.last_epoch == 3 and sched.base_lrs == [0.1, 0.01]
     back = torch.optim.AdamW(_groups([torch.nn.Parameter(p.detach().clone()) for p in ref]), foreach=False)
-    back.load_state_dict(opt.state_dict())  # our layout loads in torch.optim too
+    back.load_state_dict(opt.state_dict())  # our layouts load in torch.optim too
+    back_sched = torch.optim.lr_scheduler.LambdaLR(back, lambda s: 0.9 ** s)
+    back_sched.load_state_dict(sched.state_dict())
+    assert back_sched.last_epoch == 3 and back_sched.base_lrs == [0.1, 0.01]
     for params, o, s in ((ref, ref_opt, ref_sched), (ours, opt, sched)):
         for p, g in zip(params, _grads(3, params)):
             p.grad = g
