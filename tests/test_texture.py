@@ -212,11 +212,11 @@ def test_sample_image_bilinear_at_integer_pixel_centres():
     np.testing.assert_allclose(out[:, 0], [10.0, 20.0, 50.0, 0.0])
 
 
-def look_at(centre, target):
-    """c2w [3, 4] of a camera at centre looking at target (OpenCV axes, y down, world y up)."""
+def look_at(centre, target, up=(0.0, 1.0, 0.0)):
+    """c2w [3, 4] of a camera at centre looking at target (OpenCV axes, y down; world `up`)."""
     z = np.asarray(target, float) - centre
     z /= np.linalg.norm(z)
-    x = np.cross(z, [0.0, 1.0, 0.0])
+    x = np.cross(z, up)
     x /= np.linalg.norm(x)
     return np.hstack([np.stack([x, np.cross(z, x), z], axis=1), np.asarray(centre, float)[:, None]])
 
@@ -340,15 +340,6 @@ def test_no_reload_when_the_photos_would_be_the_training_images(caplog):
         assert "texture photos: the training images as loaded, 40x30" in caplog.text
 
 
-def look_at_opencv(centre, target):
-    """c2w [3, 4], OpenCV axes, world z up."""
-    z = np.asarray(target, float) - centre
-    z /= np.linalg.norm(z)
-    x = np.cross(z, [0.0, 0.0, 1.0])
-    x /= np.linalg.norm(x)
-    return np.hstack([np.stack([x, np.cross(z, x), z], axis=1), np.asarray(centre, float)[:, None]])
-
-
 def write_neus_scene(root, width=32, height=24, n_views=4):
     """A NeuS-format scene of random photos and masks at width x height, K = [[40, 0, 15.5],
     [0, 40, 11.5], [0, 0, 1]], cameras at distance 3 around the origin, scale_mat = I ->
@@ -361,7 +352,7 @@ def write_neus_scene(root, width=32, height=24, n_views=4):
     cameras, photos, c2ws = {}, [], []
     for i in range(n_views):
         angle = 2 * np.pi * i / n_views
-        c2w = look_at_opencv([3 * np.cos(angle), 3 * np.sin(angle), 1.0], [0.0, 0.0, 0.0])
+        c2w = look_at([3 * np.cos(angle), 3 * np.sin(angle), 1.0], [0.0, 0.0, 0.0], up=(0.0, 0.0, 1.0))
         R = c2w[:, :3].T
         world_mat = np.eye(4)
         world_mat[:3] = K @ np.hstack([R, -(R @ c2w[:, 3])[:, None]])
