@@ -166,13 +166,13 @@ def prefetch_scene(config_path: str, overrides) -> None:
     prefetch.start(prefetch.scene_files(root_dir))
 
 
-def run_command(argv=None) -> int:
-    args, overrides = parse_args(argv)
+def set_up_or_refuse(args, overrides):
+    """set_up, with the scene's photos prefetched while the framework imports -> its result, or
+    None after printing one line `<kind> error: ...` for what the user can act on."""
     prefetch_scene(args.config, overrides)
     from process_data.loading import DatasetError
-    from systems.checkpointing import TrainingDiverged
-    from systems.trainer import TrainingInterrupted
     from utils import distributed as dist
+    from utils import prefetch
     from utils.checkpoint import CheckpointError
     from utils.config import ConfigError
     from utils.logger import setup_logging
@@ -181,15 +181,25 @@ def run_command(argv=None) -> int:
     refusals = ((dist.DistributedError, "distributed error"), (ConfigError, "config error"),
                 (DatasetError, "data error"), (CheckpointError, "checkpoint error"))
     try:
-        config, paths, system, checkpoint = set_up(args, overrides)
+        return set_up(args, overrides)
     except tuple(kind for kind, _ in refusals) as e:
         prefix = next(name for kind, name in refusals if isinstance(e, kind))
         print(f"{prefix}: {e}", file=sys.stderr)
-        return 2
+        return None
     finally:
-        from utils import prefetch
-
         prefetch.stop()  # the scene is loaded: drop what it did not take
+
+
+def run_command(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    ready = set_up_or_refuse(args, overrides)
+    if ready is None:
+        return 2
+    from systems.checkpointing import TrainingDiverged
+    from systems.trainer import TrainingInterrupted
+    from utils import distributed as dist
+
+    config, paths, system, checkpoint = ready
     log = record_run(args, overrides, config, paths, system, checkpoint)
 
     viewer = None

@@ -27,7 +27,7 @@ from utils import prefetch
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared in lower case: .JPG, .Jpeg ... count
+IMAGE_SUFFIXES = prefetch.IMAGE_SUFFIXES  # compared in lower case: .JPG, .Jpeg ... count
 MIN_VIEWS = 3  # fewer views cannot constrain a surface (NeuS wants about 20-40)
 MASK_THRESHOLD = 127  # 8-bit mask values above it are the object (white)
 ALPHA_OPAQUE = 255
@@ -52,23 +52,10 @@ class DatasetError(ValueError):
     """Scene data that cannot be used; the message names the file and what to do."""
 
 
-def is_image_file(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+is_image_file = prefetch.is_image_file
 
 
-def list_images(folder: str) -> List[str]:
-    """Paths of the images in folder (.png/.jpg/.jpeg, any letter case), in sorted name order
-    (NeuS's order: view i is the i-th file)."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(
-        os.path.join(folder, name) for name in os.listdir(folder)
-        if is_image_file(name) and os.path.isfile(os.path.join(folder, name))
-    )
-
-
-def _is_jpeg(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
+list_images = prefetch.list_images
 
 
 def _decode(path: str, what: str) -> np.ndarray:
@@ -119,7 +106,7 @@ def read_mask(path: str) -> np.ndarray:
     mask = prefetch.imread(path, cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise DatasetError(f"cannot read mask {path} (missing, corrupt or not an image): replace or remove it")
-    if not _is_jpeg(path) and has_alpha(path):
+    if not prefetch.is_jpeg(path) and has_alpha(path):
         alpha = _channels(_to_8bit(_decode(path, "mask"), path, "mask"), path, "mask")
         if alpha.shape[2] == 4:
             mask = np.minimum(mask, alpha[:, :, 3])

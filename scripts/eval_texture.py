@@ -164,6 +164,33 @@ def export_and_reload(system, cfg, rule_stem: str, full, cameras, device, timing
     return tex_vertices, np.asarray(textured.faces), uv, image
 
 
+def score_view(dataset, view: int, meshes, volume_rgb: np.ndarray, supersample: int, panel_path: str) -> dict:
+    """Masked PSNR in one held-out view of each mesh render (meshes: name -> render(rays,
+    background) -> [H*W, 3]) at one ray a pixel, and at supersample^2 rays a pixel (keys
+    "<mesh>_ss") when supersample > 1, and of the volume render volume_rgb [H*W, 3] -> {key: PSNR};
+    writes the panel textured | vertex (same faces) | volume | photo to panel_path (the
+    supersampled renders when there are some)."""
+    from utils.metrics import psnr
+
+    h, w = dataset.height, dataset.width
+    rays = dataset.view_rays(view)
+    ray_np = (rays["rays_o"].cpu().numpy(), rays["rays_d"].cpu().numpy())
+    background = rays["background"].cpu().numpy()
+    gt = rays["rgb"].view(h, w, 3)
+    mask = rays["mask"].view(h, w)
+    renders = {k: render(ray_np, background) for k, render in meshes.items()}
+    renders["volume"] = volume_rgb
+    if supersample > 1:
+        renders.update({f"{k}_ss": supersampled(lambda r, render=render: render(r, background), dataset, view,
+                                                supersample) for k, render in meshes.items()})
+    scores = {k: psnr(torch.from_numpy(v.reshape(h, w, 3)).float(), gt.cpu().float(), mask.cpu())
+              for k, v in renders.items()}
+    shown = ("textured_ss", "vertex_same_faces_ss") if supersample > 1 else ("textured", "vertex_same_faces")
+    panel = np.concatenate([renders[k].reshape(h, w, 3) for k in (*shown, "volume")] + [gt.cpu().numpy()], axis=1)
+    imageio.imwrite(panel_path, (np.clip(panel, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return scores
+
+
 def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, volume, out_dir: str, device,
                  supersample: int = 1):
     """Export the textured mesh coloured by `rule` and score (a), (b), (b') and (c) in the
@@ -172,11 +199,9 @@ def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, 
     -> that rule's entry of the result (per view and mean PSNR, faces, seconds); writes
     out_dir/<view>-<rule>.png panels (the supersampled renders when there are some)."""
     from systems.texture import vertex_colours
-    from utils.metrics import psnr
 
     cfg.texture_colour = rule
     dataset = system.dataset
-    h, w = dataset.height, dataset.width
     timings = {}
     tex_vertices, tex_faces, uv, image = export_and_reload(system, cfg, f"{stem}-{rule}", full, cameras, device,
                                                            timings)
@@ -188,34 +213,18 @@ def measure_rule(system, cfg, rule: str, stem: str, full, full_caster, cameras, 
     dec_colours = vertex_colours(system.model, dec_vertices, dec_faces, cfg, cameras, device).astype(np.float64)
     timings["vertex_colours"] = time.perf_counter() - start
     full_colours = np.asarray(full.visual.vertex_colors)[:, :3].astype(np.float64) / 255.0
-    casters = {"textured": MeshCaster(tex_vertices, tex_faces), "vertex_same_faces": MeshCaster(dec_vertices, dec_faces)}
-    per_view = {}
+    tex_caster, dec_caster = MeshCaster(tex_vertices, tex_faces), MeshCaster(dec_vertices, dec_faces)
+    meshes = {  # (rays, background) -> [H*W, 3]
+        "textured": lambda r, bg: render_textured(tex_caster, uv, tex_faces, image, r, bg),
+        "vertex_same_faces": lambda r, bg: render_vertex_coloured(dec_caster, dec_colours, r, bg),
+        "vertex_full": lambda r, bg: render_vertex_coloured(full_caster, full_colours, r, bg),
+    }
     start = time.perf_counter()
-    for view, volume_rgb in volume.items():
-        rays = dataset.view_rays(view)
-        ray_np = (rays["rays_o"].cpu().numpy(), rays["rays_d"].cpu().numpy())
-        background = rays["background"].cpu().numpy()
-        gt = rays["rgb"].view(h, w, 3)
-        mask = rays["mask"].view(h, w)
-        meshes = {  # rays -> [H*W, 3]
-            "textured": lambda r: render_textured(casters["textured"], uv, tex_faces, image, r, background),
-            "vertex_same_faces": lambda r: render_vertex_coloured(casters["vertex_same_faces"], dec_colours, r,
-                                                                  background),
-            "vertex_full": lambda r: render_vertex_coloured(full_caster, full_colours, r, background),
-        }
-        renders = {k: render(ray_np) for k, render in meshes.items()}
-        renders["volume"] = volume_rgb
-        if supersample > 1:
-            renders.update({f"{k}_ss": supersampled(render, dataset, view, supersample) for k, render in meshes.items()})
-        per_view[f"{view:06d}"] = {
-            k: psnr(torch.from_numpy(v.reshape(h, w, 3)).float(), gt.cpu().float(), mask.cpu())
-            for k, v in renders.items()
-        }
-        shown = ("textured_ss", "vertex_same_faces_ss") if supersample > 1 else ("textured", "vertex_same_faces")
-        panel = np.concatenate([renders[k].reshape(h, w, 3) for k in (*shown, "volume")]
-                               + [gt.cpu().numpy()], axis=1)
-        imageio.imwrite(os.path.join(out_dir, f"{view:06d}-{rule}.png"),
-                        (np.clip(panel, 0, 1) * 255 + 0.5).astype(np.uint8))
+    per_view = {
+        f"{view:06d}": score_view(dataset, view, meshes, volume_rgb, supersample,
+                                  os.path.join(out_dir, f"{view:06d}-{rule}.png"))
+        for view, volume_rgb in volume.items()
+    }
     timings["mesh_renders"] = time.perf_counter() - start
     return {
         "views": per_view,
@@ -243,7 +252,8 @@ def load_trained(args, overrides):
     return system, config.export, device
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
+    """-> (the script's arguments, the run.py config overrides)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", required=True, help="checkpoint of a trained run")
@@ -257,8 +267,13 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.supersample < 1:
         parser.error(f"--supersample must be >= 1, got {args.supersample}")
+    return args, overrides
 
+
+def main(argv=None) -> int:
     from systems.texture import Cameras
+
+    args, overrides = parse_args(argv)
 
     system, cfg, device = load_trained(args, overrides)
     paths, step = system.paths, system.global_step

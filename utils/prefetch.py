@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 MAX_BYTES = 1 << 30  # decoded pixels held at most; past it the rest is read when needed
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared in lower case: .JPG, .Jpeg ... count
 
 _lock = threading.Lock()
 _pending: Dict[Tuple[str, int], Future] = {}
@@ -24,10 +24,29 @@ _executor: Optional[ThreadPoolExecutor] = None
 _held = 0  # bytes decoded so far (taken or not)
 
 
+def is_image_file(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def is_jpeg(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
+
+
+def list_images(folder: str) -> List[str]:
+    """Paths of the images in folder (.png/.jpg/.jpeg, any letter case), in sorted name order
+    (NeuS's order: view i is the i-th file); [] without the folder."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(
+        os.path.join(folder, name) for name in os.listdir(folder)
+        if is_image_file(name) and os.path.isfile(os.path.join(folder, name))
+    )
+
+
 def photo_flags(path: str) -> int:
     """How a photo is decoded: JPEGs upright after their EXIF rotation (IMREAD_COLOR applies it,
     IMREAD_UNCHANGED would not; a JPEG has no alpha and 8 bits), other files as stored."""
-    return cv2.IMREAD_COLOR if os.path.splitext(path)[1].lower() in (".jpg", ".jpeg") else cv2.IMREAD_UNCHANGED
+    return cv2.IMREAD_COLOR if is_jpeg(path) else cv2.IMREAD_UNCHANGED
 
 
 def _key(path: str, flags: int) -> Tuple[str, int]:
@@ -87,16 +106,10 @@ def scene_files(root_dir: str) -> List[Tuple[str, int]]:
     """The files a scene in the NeuS layout (DTU, custom captures, the demo) will be read from,
     photos first, each with its flags: <root_dir>/image/ (or images/) as photos, <root_dir>/mask/
     in grayscale (loading.read_mask). Other layouts: nothing."""
-    def listing(folder: str) -> List[str]:
-        if not os.path.isdir(folder):
-            return []
-        return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                      if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
-
     image_dir = next((os.path.join(root_dir, d) for d in ("image", "images")
                       if os.path.isdir(os.path.join(root_dir, d))), None)
     if image_dir is None:
         return []
-    photos = [(path, photo_flags(path)) for path in listing(image_dir)]
-    masks = [(path, cv2.IMREAD_GRAYSCALE) for path in listing(os.path.join(root_dir, "mask"))]
+    photos = [(path, photo_flags(path)) for path in list_images(image_dir)]
+    masks = [(path, cv2.IMREAD_GRAYSCALE) for path in list_images(os.path.join(root_dir, "mask"))]
     return photos + masks
