@@ -38,6 +38,14 @@ def sparsity(sdf: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.exp(-scale * sdf.abs()).mean()
 
 
+def foreground_opacity(opacity: torch.Tensor) -> torch.Tensor:
+    """mean_r O_r, O_r = sum_i w_ri the foreground's opacity along ray r: with a background model
+    behind it, a prior that what both can explain is background. Its gradient, 1 / n_rays a
+    ray, is outweighed by the L1 colour term's |c_fg - c_bg| / n_rays wherever the foreground's
+    colour differs from the background's by more than the weight.  opacity: [n_rays] or [n_rays, 1]"""
+    return opacity.mean()
+
+
 def distortion(
     weights: torch.Tensor, s_starts: torch.Tensor, s_ends: torch.Tensor, ray_indices: torch.Tensor, n_rays: int
 ) -> torch.Tensor:
@@ -65,6 +73,9 @@ class LossConfig:
     lambda_sparsity: float = 0.0
     sparsity_scale: float = 1.0
     lambda_distortion_bg: float = 0.0  # distortion of the background's weights (needs model.background)
+    # the foreground's opacity, mean over rays (needs model.background): what the background can
+    # explain as well (a backdrop) is left to it rather than painted on a surface inside the region
+    lambda_opacity: float = 0.0
 
 
 SAMPLE_MEAN_TERMS = ("eikonal", "sparsity")  # means over samples; every other term is a mean over rays
@@ -100,5 +111,7 @@ def neus_losses(config: LossConfig, out: Dict, batch: Dict) -> Dict[str, torch.T
         terms["distortion_bg"] = config.lambda_distortion_bg * distortion(
             bg["weights"], bg["s_starts"], bg["s_ends"], bg["ray_indices"], out["rgb"].shape[0]
         )
+    if config.lambda_opacity > 0 and "background" in out:
+        terms["opacity"] = config.lambda_opacity * foreground_opacity(out["opacity"])
     terms["total"] = sum(terms.values())
     return terms

@@ -249,3 +249,20 @@ def test_checkpoints_with_the_old_grid_keys_load():
     fresh = background_field()
     fresh.load_state_dict(state)
     assert torch.equal(fresh.grid.estimator.occs, torch.full_like(fresh.grid.estimator.occs, 0.25))
+
+
+def test_opacity_prior_by_hand():
+    """lambda_opacity * mean foreground opacity, only where a background can take the rest:
+    opacities 0.2 and 0.6, weight 0.5 -> 0.2, gradient 0.5 / 2 a ray."""
+    from systems.losses import LossConfig, neus_losses
+
+    opacity = torch.tensor([0.2, 0.6], requires_grad=True)
+    out = {"rgb": torch.zeros(2, 3), "opacity": opacity, "background": {}}
+    batch = {"rgb": torch.zeros(2, 3)}
+    config = LossConfig(lambda_rgb_l1=0.0, lambda_eikonal=0.0, lambda_mask=0.0, lambda_opacity=0.5)
+    terms = neus_losses(config, out, batch)
+    torch.testing.assert_close(terms["opacity"], torch.tensor(0.2))
+    terms["total"].backward()
+    torch.testing.assert_close(opacity.grad, torch.tensor([0.25, 0.25]))
+    del out["background"]  # masked training, no background: nothing else could explain those pixels
+    assert "opacity" not in neus_losses(config, out, batch)
