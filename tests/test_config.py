@@ -187,8 +187,8 @@ def test_cos_anneal_knots_are_checked_at_build():
 
 
 def test_cpu_configs_finish_the_cos_anneal_over_the_last_tenth():
-    """The DTU CPU configs, masked and not: ratio 0.45 at 90% of the run, 1 at the end; the
-    own-photos config keeps the half anneal (its knots are empty, cos_anneal_steps = 2 max_steps)."""
+    """The DTU CPU configs, masked and not, and the own-photos one: ratio 0.45 at 90% of the run,
+    1 at the end; with the knots emptied, the half anneal (cos_anneal_steps = 2 max_steps)."""
     from models.neus import cos_anneal_ratio
 
     masked = load_config(CPU_CONFIG, ["trainer.max_steps=1000"]).model
@@ -197,15 +197,17 @@ def test_cpu_configs_finish_the_cos_anneal_over_the_last_tenth():
     unmasked = load_config(os.path.join(ROOT, "confs", "neus-dtu-cpu.yaml"), ["trainer.max_steps=1000"]).model
     assert unmasked.cos_anneal_knots == masked.cos_anneal_knots
     custom = load_config(os.path.join(ROOT, "confs", "neus-custom.yaml"), ["trainer.max_steps=1000"]).model
-    assert custom.cos_anneal_knots == []
-    assert cos_anneal_ratio(1000, custom.cos_anneal_steps, custom.cos_anneal_knots) == 0.5
+    assert custom.cos_anneal_knots == masked.cos_anneal_knots
+    half = load_config(CPU_CONFIG, ["trainer.max_steps=1000", "model.cos_anneal_knots=[]"]).model
+    assert cos_anneal_ratio(1000, half.cos_anneal_steps, half.cos_anneal_knots) == 0.5
 
 
 def test_foreground_radius_of_the_configs():
     """Masked: the cube [-1, 1]^3. DTU without masks: the sphere of radius 1.5 (the objects reach
-    beyond the unit sphere). Own photos: the unit sphere that gen_cameras fitted."""
+    beyond the unit sphere); own photos too, either loader (the automatic region is centred at the
+    object's front)."""
     radius = {name: load_config(os.path.join(ROOT, "confs", name), []).model.radius
               for name in ("neus-dtu-wmask-cpu.yaml", "neus-dtu-cpu.yaml", "neus-dtu.yaml", "neus-custom.yaml",
                            "neus-colmap.yaml")}
     assert radius == {"neus-dtu-wmask-cpu.yaml": 1.0, "neus-dtu-cpu.yaml": 1.5, "neus-dtu.yaml": 1.5,
-                      "neus-custom.yaml": 1.0, "neus-colmap.yaml": 1.0}
+                      "neus-custom.yaml": 1.5, "neus-colmap.yaml": 1.5}

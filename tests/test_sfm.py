@@ -374,3 +374,36 @@ def test_error_for_photos_that_do_not_overlap(tmp_path):
 def test_colmap_dataset_refuses_a_missing_model(tmp_path):
     with pytest.raises(DatasetError, match="no COLMAP model.*imgs2poses"):
         load_colmap_scene(str(tmp_path), os.path.join("sparse", "0"), 1.0, use_masks=False, margin=1.1)
+
+
+@pytest.mark.parametrize("held, moved, kept", [
+    (0.4389, 0.4370, "moved"),  # scan 24's photos (800x600): its principal point is 12 and 10 px off centre
+    (0.2281, 0.2281, "held"),  # the demo's orbit: the point drifted 10 px at no cost, rotations 1.4 deg off
+    (0.4000, 0.3998, "held"),  # 0.05%: below the 0.1% a moved point must gain
+])
+def test_a_moved_principal_point_is_kept_only_where_it_fits_better(held, moved, kept, monkeypatch):
+    from process_data import imgs2poses
+
+    class Model:
+        def __init__(self, other=None):
+            self.cameras, self.name = {}, "held" if other is not None else "moved"
+
+        def compute_mean_reprojection_error(self):
+            return self.error
+
+    def adjust(model, options):
+        model.error = moved if options.refine_principal_point else held
+
+    monkeypatch.setattr(pycolmap, "Reconstruction", Model)
+    monkeypatch.setattr(pycolmap, "bundle_adjustment", adjust)
+    assert imgs2poses.refine_principal_point(Model()).name == kept
+
+
+def test_cli_fixed_principal_point(tmp_path, monkeypatch):
+    """On by default; --fixed_principal_point keeps COLMAP's centred principal point."""
+    from process_data import imgs2poses
+
+    given = []
+    monkeypatch.setattr(imgs2poses, "run_sfm", lambda scene, options: given.append(options.refine_principal_point))
+    assert imgs2poses.main([str(tmp_path)]) == 0 and imgs2poses.main([str(tmp_path), "--fixed_principal_point"]) == 0
+    assert given == [True, False]
