@@ -379,7 +379,7 @@ def test_colmap_dataset_refuses_a_missing_model(tmp_path):
 @pytest.mark.parametrize("held, moved, kept", [
     (0.4389, 0.4370, "moved"),  # scan 24's photos (800x600): its principal point is 12 and 10 px off centre
     (0.2281, 0.2281, "held"),  # the demo's orbit: the point drifted 10 px at no cost, rotations 1.4 deg off
-    (0.4000, 0.3998, "held"),  # 0.05%: below the 0.1% a moved point must gain
+    (0.4649, 0.4644, "held"),  # the demo's 400x300 JPEGs: 0.11%, below the 0.25% a moved point must gain
 ])
 def test_a_moved_principal_point_is_kept_only_where_it_fits_better(held, moved, kept, monkeypatch):
     from process_data import imgs2poses
