@@ -432,6 +432,20 @@ def undistort_masks(mask_dir: str, distorted_model, scene_dir: str) -> None:
         cv2.imwrite(os.path.join(out_dir, os.path.splitext(image.name)[0] + ".png"), binary)
 
 
+def object_masks(scene_dir: str, image_dir: str, names: List[str], work_dir: str, feature_masks: bool):
+    """The photos' object masks: DIR/masks/, else their alpha channels (written to work_dir), else
+    none -> (the mask folder, which may not exist; the SIFT feature masks' folder, or None when
+    there are no masks or feature_masks is off)."""
+    mask_dir = os.path.join(scene_dir, USER_MASKS)
+    if not os.path.isdir(mask_dir):
+        mask_dir = masks_from_alpha(image_dir, names, work_dir) or mask_dir
+    if not (feature_masks and os.path.isdir(mask_dir)):
+        return mask_dir, None
+    feature_mask_dir = os.path.join(work_dir, USER_MASKS)
+    write_feature_masks(mask_dir, image_dir, names, feature_mask_dir)
+    return mask_dir, feature_mask_dir
+
+
 def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):
     """All stages on scene_dir/images (see the module docstring) -> the undistorted model."""
     if options.matcher not in MATCHERS:
@@ -451,13 +465,7 @@ def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):
     pycolmap.logging.minloglevel = quiet
 
     start = time.time()
-    mask_dir = os.path.join(scene_dir, USER_MASKS)
-    if not os.path.isdir(mask_dir):
-        mask_dir = masks_from_alpha(image_dir, names, work_dir) or mask_dir
-    feature_mask_dir = None
-    if options.feature_masks and os.path.isdir(mask_dir):
-        feature_mask_dir = os.path.join(work_dir, USER_MASKS)
-        write_feature_masks(mask_dir, image_dir, names, feature_mask_dir)
+    mask_dir, feature_mask_dir = object_masks(scene_dir, image_dir, names, work_dir, options.feature_masks)
     log.info("[1/4] SIFT features of %d photos in %s%s", len(names), image_dir,
              f", only where the masks in {mask_dir} are white (--no_feature_masks: everywhere)" if feature_mask_dir else "")
     extract_features(database_path, image_dir, names, options, feature_mask_dir)
