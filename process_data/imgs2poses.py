@@ -1,30 +1,22 @@
 """Camera poses for a folder of photos: structure from motion with pycolmap (COLMAP as a
 PyPI wheel, no system COLMAP needed), then undistortion to a pinhole camera.
 
-Reads DIR/images/*.jpg|jpeg|png in any letter case, 8 or 16 bits, gray, RGB or RGBA (your photos,
-left untouched; process_data/loading.py says what is accepted), and DIR/masks/ (the mask of
-photos/0001.jpg may be masks/0001.png, 1.png, 0001.jpg.png...); writes
+Reads DIR/images/*.jpg|jpeg|png (your photos, left untouched) and DIR/masks/ when present; the
+photos and masks are made ready for COLMAP by process_data/photos.py, which says what it
+accepts and writes. Writes
 
     DIR/colmap/database.db      SIFT features and geometrically verified matches
-    DIR/colmap/images_upright/  when a photo carries an EXIF rotation (phones): all photos, that
-                                one turned upright, for COLMAP (which ignores the EXIF tag)
-    DIR/colmap/masks/           when DIR/masks/ is present: your masks, binarised and named as
-                                COLMAP wants them (NAME.png), to keep SIFT features on the object
-    DIR/colmap/masks_from_alpha/  without DIR/masks/, when the photos are cut-outs with alpha
-                                channels: the alphas as masks (NAME.png), used as DIR/masks/ would be
+    DIR/colmap/images_upright/, DIR/colmap/masks/, DIR/colmap/masks_from_alpha/
+                                the photos turned upright and the feature masks, when needed
+                                (process_data/photos.py)
     DIR/colmap/sparse/0/        the model as mapped: one shared camera with lens distortion
-    DIR/sparse/0/               the UNDISTORTED model: one PINHOLE camera, the poses of the
-                                registered photos, the sparse points (cameras/images/points3D.bin)
-    DIR/images_undistorted/     the registered photos undistorted to that camera (same names),
-                                cropped at the right and bottom to a multiple of 8 pixels so
-                                that dataset.img_downscale 2, 4 or 8 divides them
-    DIR/masks_undistorted/      when DIR/masks/ holds masks of the photos (NAME, NAME.png or
-                                STEM.png; white = object): them, undistorted the same way
+    DIR/sparse/0/, DIR/images_undistorted/, DIR/masks_undistorted/
+                                the UNDISTORTED model (one PINHOLE camera), the registered photos
+                                and their masks undistorted to it (process_data/undistort.py)
 
-DIR/colmap/ is rebuilt on every run. Masks (white = object, the same size as their photo)
-restrict the SIFT features to the object: no features where a mask is black (<= 127), so a
-cluttered or moving background cannot mislead the matching; --no_feature_masks extracts on the
-whole photos (when the background's texture is needed to register them).
+DIR/colmap/ is rebuilt on every run. Masks (white = object) keep the SIFT features on the object;
+--no_feature_masks extracts on the whole photos (when the background's texture is needed to
+register them).
 
 Stages: SIFT extraction -> matching (exhaustive: every pair; sequential: each photo with its
 neighbours in name order, for video frames) -> incremental mapping -> undistortion. All photos
@@ -49,26 +41,21 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
-import cv2
-import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from process_data.colmap import SPARSE_MODEL, import_pycolmap, mask_path
-from process_data.loading import MIN_VIEWS, DatasetError, alpha_masks, has_alpha, list_images, read_photo
-from process_data.loading import read_mask as read_mask_file
+from process_data.colmap import SPARSE_MODEL, import_pycolmap
+from process_data.loading import DatasetError
+from process_data.photos import check_one_size, object_masks, photo_names, upright_photos
+from process_data.undistort import UNDISTORTED_IMAGES, undistort, undistort_masks
 
 pycolmap = import_pycolmap()
 
 log = logging.getLogger("imgs2poses")
 
+
 MATCHERS = ("exhaustive", "sequential")
-UNDISTORTED_IMAGES = "images_undistorted"
-UNDISTORTED_MASKS = "masks_undistorted"
-USER_MASKS = "masks"
-MASK_THRESHOLD = 127  # mask pixels above it are the object (white)
 EXTRACTION_CHUNK = 8  # photos per extraction call: the progress bar's step
 COLMAP_INFO, COLMAP_WARNING = 0, 1  # glog levels of COLMAP's log
 
@@ -93,24 +80,6 @@ class SfMOptions:
     verbose: bool = False  # all of COLMAP's log lines
 
 
-def photo_names(image_dir: str) -> List[str]:
-    """Names (relative to image_dir) of the photos to reconstruct (.png/.jpg/.jpeg in any
-    letter case); at least MIN_VIEWS."""
-    if not os.path.isdir(image_dir):
-        raise DatasetError(f"{image_dir} not found: put your photos (.jpg/.png) in an images/ folder inside the scene folder")
-    names = [os.path.basename(p) for p in list_images(image_dir)]
-    if not names:
-        raise DatasetError(f"no images (.png/.jpg) in {image_dir}")
-    if len(names) < MIN_VIEWS:
-        held = "a single photo" if len(names) == 1 else f"only {len(names)} photos"
-        raise DatasetError(
-            f"{image_dir} holds {held} ({', '.join(names)}): structure from motion needs overlapping photos, and "
-            f"NeuS at least {MIN_VIEWS} views, about 20 (simple object) to 40 (complex object) from all around it; "
-            "add photos"
-        )
-    return names
-
-
 def required_registrations(n_photos: int, min_registered: int) -> int:
     """The fewest registered photos accepted: min_registered, or ceil(0.8 n) (at least 2) when 0."""
     return min_registered if min_registered > 0 else max(2, math.ceil(0.8 * n_photos))
@@ -133,133 +102,12 @@ def verified_partners(database_path: str, min_inliers: int) -> Dict[str, int]:
     return partners
 
 
-def read_mask(path: str, name: str, width: int, height: int) -> np.ndarray:
-    """The user's mask at `path` of photo `name` (1, 3 or 4 channels, 8 or 16 bits, PNG or
-    JPEG: loading.read_mask) as [H, W] uint8, which must be width x height like the photo."""
-    try:
-        mask = read_mask_file(path)
-    except DatasetError:
-        mask = None
-    if mask is None or mask.shape != (height, width):
-        raise DatasetError(f"mask {path} is unreadable or not {width}x{height} like photo {name}")
-    return mask
-
-
-ALPHA_MASKS = "masks_from_alpha"
-
-
-def masks_from_alpha(image_dir: str, names: List[str], work_dir: str) -> Optional[str]:
-    """When the photos carry alpha channels (cut-outs: the object opaque, the rest transparent)
-    and there is no masks/ folder: their alphas as masks in work_dir/masks_from_alpha/NAME.png
-    (the folder), used as the user's masks would be; None when no photo has a useful alpha.
-    Refused when some photos have one and others do not."""
-    with_alpha = [has_alpha(os.path.join(image_dir, name)) for name in names]
-    if not any(with_alpha):
-        return None
-    alphas = [read_photo(os.path.join(image_dir, name))[1] if has else None for name, has in zip(names, with_alpha)]
-    if alpha_masks([os.path.join(image_dir, n) for n in names], alphas, USER_MASKS + "/") is None:
-        return None  # every alpha channel fully opaque: no mask in them
-    out_dir = os.path.join(work_dir, ALPHA_MASKS)
-    os.makedirs(out_dir, exist_ok=True)
-    for name, alpha in zip(names, alphas):
-        cv2.imwrite(os.path.join(out_dir, name + ".png"), np.where(alpha > MASK_THRESHOLD, 255, 0).astype(np.uint8))
-    log.info("no %s folder: the photos' alpha channels are the masks (written to %s)", USER_MASKS, out_dir)
-    return out_dir
-
-
-EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 (or absent) means the pixels are stored upright
-UPRIGHT_IMAGES = "images_upright"
-# a JPEG written again: the least loss (quality 100, no chroma subsampling)
-JPEG_BEST = [cv2.IMWRITE_JPEG_QUALITY, 100, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
-
-
-def photo_header(path: str) -> Tuple[int, int, int]:
-    """(width, height) as stored and the EXIF orientation (1: stored upright) of the photo at
-    path, from its header (no decoding)."""
-    try:
-        with Image.open(path) as image:
-            return image.size[0], image.size[1], int(image.getexif().get(EXIF_ORIENTATION, 1))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(f"cannot read the photo {path} ({type(e).__name__}): corrupt or not an image") from None
-
-
-def exif_orientation(path: str) -> int:
-    return photo_header(path)[2]
-
-
-def photo_size(path: str) -> Tuple[int, int]:
-    """(width, height) of the photo at path as viewers show it: EXIF orientations 5-8 turn it
-    by 90 degrees (what `upright_photos` writes, and what masks are drawn on)."""
-    width, height, orientation = photo_header(path)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-def upright_photos(image_dir: str, names: List[str], work_dir: str) -> str:
-    """The folder to reconstruct from: image_dir itself, or, when some photos carry an EXIF
-    rotation, work_dir/images_upright/ with those photos turned upright (as viewers and masks
-    show them) and the others copied. COLMAP reads the stored pixels and ignores the tag, so
-    without this a phone's portrait photos would be reconstructed (and trained) sideways."""
-    rotated = [name for name in names if exif_orientation(os.path.join(image_dir, name)) != 1]
-    if not rotated:
-        return image_dir
-    out_dir = os.path.join(work_dir, UPRIGHT_IMAGES)
-    os.makedirs(out_dir, exist_ok=True)
-    for name in tqdm(names, desc="turning photos upright", unit="photo"):
-        path = os.path.join(image_dir, name)
-        if name in rotated:
-            upright = cv2.imread(path, cv2.IMREAD_COLOR)  # OpenCV applies the EXIF rotation
-            if upright is None:
-                raise DatasetError(f"cannot read the photo {path}")
-            cv2.imwrite(os.path.join(out_dir, name), upright, JPEG_BEST if is_jpeg(name) else [])
-        else:
-            shutil.copyfile(path, os.path.join(out_dir, name))
-    log.info("%d of %d photos carry an EXIF rotation (e.g. %s): reconstructing upright copies in %s",
-             len(rotated), len(names), rotated[0], out_dir)
-    return out_dir
-
-
-def check_one_size(image_dir: str, names: List[str]) -> None:
-    """All photos must be the same size as shown (after their EXIF rotation): they share one
-    camera (one calibration), and the NeuS format one image size. From the headers, so cheap."""
-    sizes = {}
-    for name in names:
-        sizes.setdefault(photo_size(os.path.join(image_dir, name)), name)
-    if len(sizes) > 1:
-        (size_a, name_a), (size_b, name_b) = list(sizes.items())[:2]
-        raise DatasetError(
-            f"photos of different sizes in {image_dir}: {name_a} is {size_a[0]}x{size_a[1]}, {name_b} is "
-            f"{size_b[0]}x{size_b[1]} (as shown, after any EXIF rotation); all photos share one camera, so take "
-            "them with one camera and zoom, in one orientation (or crop/resize them to one size first)"
-        )
-
-
-def is_jpeg(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
-
-
-def write_feature_masks(mask_dir: str, image_dir: str, names: List[str], out_dir: str) -> None:
-    """The user's masks of all photos, in COLMAP's naming for feature extraction:
-    out_dir/NAME.png, 255 where the mask is white (> MASK_THRESHOLD, the object) and 0 elsewhere
-    (COLMAP extracts no features where it is 0). The user's files are left untouched."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(out_dir)
-    for name in tqdm(names, desc="feature masks", unit="mask"):
-        path = mask_path(mask_dir, name)
-        inside = read_mask(path, name, *photo_size(os.path.join(image_dir, name))) > MASK_THRESHOLD
-        if not inside.any():
-            raise DatasetError(
-                f"mask {path} is all black (no pixel above {MASK_THRESHOLD}), so photo {name} would get no features: "
-                "white marks the object; fix the mask, or remove the photo and its mask"
-            )
-        cv2.imwrite(os.path.join(out_dir, name + ".png"), np.where(inside, 255, 0).astype(np.uint8))
-
-
 def extract_features(
     database_path: str, image_dir: str, names: List[str], options: SfMOptions, feature_mask_dir: Optional[str] = None
 ) -> None:
     """SIFT features of all photos into the database, in chunks (for the progress bar); the
     first chunk creates the one shared camera, the others join it. feature_mask_dir: masks in
-    COLMAP's naming (write_feature_masks); no features where they are 0."""
+    COLMAP's naming (photos.write_feature_masks); no features where they are 0."""
     sift = pycolmap.SiftExtractionOptions(
         peak_threshold=options.peak_threshold, domain_size_pooling=options.domain_size_pooling
     )
@@ -355,95 +203,6 @@ def check_registration(model, names: List[str], database_path: str, image_dir: s
         "(neighbours share most of the view) of a textured object, with the object in the middle"
         + ("; or try --no_feature_masks (your masks keep the features on the object; the background may help)" if masked else "")
     )
-
-
-def undistort(model_dir: str, image_dir: str, scene_dir: str, num_threads: int) -> None:
-    """Undistort the registered photos to a PINHOLE camera: DIR/sparse/0, DIR/images_undistorted."""
-    staging = os.path.join(scene_dir, "colmap", "undistorted")
-    shutil.rmtree(staging, ignore_errors=True)
-    pycolmap.undistort_images(staging, model_dir, image_dir, output_type="COLMAP", num_threads=num_threads)
-    # COLMAP's layout is staging/{images,sparse,stereo}; the NeuS tools expect sparse/0
-    for source, target in ((os.path.join(staging, "sparse"), SPARSE_MODEL), (os.path.join(staging, "images"), UNDISTORTED_IMAGES)):
-        target = os.path.join(scene_dir, target)
-        shutil.rmtree(target, ignore_errors=True)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(source, target)
-    shutil.rmtree(staging)
-    crop_to_trainable_size(scene_dir)
-
-
-TRAINABLE_MULTIPLE = 8  # undistorted photos are cropped to a multiple of this many pixels
-
-
-def trainable_size(width: int, height: int, multiple: int = TRAINABLE_MULTIPLE) -> Tuple[int, int]:
-    """The largest (w, h) <= (width, height) whose sides are multiples of `multiple`."""
-    return width - width % multiple, height - height % multiple
-
-
-def crop_to_trainable_size(scene_dir: str) -> None:
-    """Crop DIR/images_undistorted and the cameras of DIR/sparse/0 at the right and bottom to
-    trainable_size. The undistorter's sizes are arbitrary (400x299), and the NeuS loaders need
-    img_downscale to divide the image; cropping there keeps the pixel origin, so the
-    intrinsics (focal, principal point) stay exactly as they are."""
-    model_dir = os.path.join(scene_dir, SPARSE_MODEL)
-    model = pycolmap.Reconstruction(model_dir)
-    sizes = {}
-    for camera_id, camera in model.cameras.items():
-        camera.width, camera.height = sizes[camera_id] = trainable_size(camera.width, camera.height)
-    model.write(model_dir)
-    for image in model.images.values():
-        width, height = sizes[image.camera_id]
-        path = os.path.join(scene_dir, UNDISTORTED_IMAGES, image.name)
-        photo = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-        if photo is None:
-            raise DatasetError(f"cannot read the undistorted photo {path}")
-        if photo.shape[:2] != (height, width):
-            cv2.imwrite(path, photo[:height, :width], JPEG_BEST if is_jpeg(path) else [])
-
-
-def undistortion_maps(distorted, pinhole):
-    """cv2.remap maps [H, W] float32 (x, y) that sample a photo of the distorted pycolmap
-    camera at every pixel of the pinhole one. COLMAP's pixel coordinates put the top-left pixel
-    centre at (0.5, 0.5), OpenCV's at (0, 0): hence the +-0.5."""
-    u, v = np.meshgrid(np.arange(pinhole.width) + 0.5, np.arange(pinhole.height) + 0.5)
-    rays = pinhole.cam_from_img(np.stack([u.ravel(), v.ravel()], axis=1))  # [H*W, 2] normalised image plane
-    pixels = distorted.img_from_cam(np.concatenate([rays, np.ones((len(rays), 1))], axis=1)) - 0.5  # [H*W, 2]
-    pixels = pixels.astype(np.float32).reshape(pinhole.height, pinhole.width, 2)
-    return pixels[:, :, 0], pixels[:, :, 1]
-
-
-def undistort_masks(mask_dir: str, distorted_model, scene_dir: str) -> None:
-    """The masks of the registered photos, undistorted like the photos, into
-    DIR/masks_undistorted/STEM.png (0 or 255)."""
-    pinhole_model = pycolmap.Reconstruction(os.path.join(scene_dir, SPARSE_MODEL))
-    out_dir = os.path.join(scene_dir, UNDISTORTED_MASKS)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(out_dir)
-    maps = {}
-    for image_id in tqdm(distorted_model.reg_image_ids(), desc="undistorting masks", unit="mask"):
-        image = distorted_model.image(image_id)
-        camera = distorted_model.camera(image.camera_id)
-        mask = read_mask(mask_path(mask_dir, image.name), image.name, camera.width, camera.height)
-        if image.camera_id not in maps:
-            pinhole = pinhole_model.camera(pinhole_model.find_image_with_name(image.name).camera_id)
-            maps[image.camera_id] = undistortion_maps(camera, pinhole)
-        undistorted = cv2.remap(mask, *maps[image.camera_id], cv2.INTER_LINEAR, borderValue=0)
-        binary = np.where(undistorted > MASK_THRESHOLD, 255, 0).astype(np.uint8)
-        cv2.imwrite(os.path.join(out_dir, os.path.splitext(image.name)[0] + ".png"), binary)
-
-
-def object_masks(scene_dir: str, image_dir: str, names: List[str], work_dir: str, feature_masks: bool):
-    """The photos' object masks: DIR/masks/, else their alpha channels (written to work_dir), else
-    none -> (the mask folder, which may not exist; the SIFT feature masks' folder, or None when
-    there are no masks or feature_masks is off)."""
-    mask_dir = os.path.join(scene_dir, USER_MASKS)
-    if not os.path.isdir(mask_dir):
-        mask_dir = masks_from_alpha(image_dir, names, work_dir) or mask_dir
-    if not (feature_masks and os.path.isdir(mask_dir)):
-        return mask_dir, None
-    feature_mask_dir = os.path.join(work_dir, USER_MASKS)
-    write_feature_masks(mask_dir, image_dir, names, feature_mask_dir)
-    return mask_dir, feature_mask_dir
 
 
 def run_sfm(scene_dir: str, options: SfMOptions = SfMOptions()):

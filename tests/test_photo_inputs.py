@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import run
+from process_data import photos
 from process_data.dtu import DTUDataset, load_neus_scene
 from process_data.loading import DatasetError, find_mask, list_images, name_key
 from tests.conftest import ROOT
@@ -227,19 +228,17 @@ def test_run_refuses_with_one_line_and_writes_nothing(tmp_path, capsys, case):
 
 # --- the photo folders of imgs2poses / gen_cameras --------------------------------------------
 def test_imgs2poses_folder_any_extension_case_and_at_least_three_photos(tmp_path):
-    imgs2poses = pytest.importorskip("process_data.imgs2poses", reason="needs pycolmap")
     folder = tmp_path / "images"
     os.makedirs(folder)
     for i, name in enumerate(["a.JPG", "b.jpeg", "c.PNG"]):
         cv2.imwrite(str(folder / name), photo(i))
-    assert imgs2poses.photo_names(str(folder)) == ["a.JPG", "b.jpeg", "c.PNG"]
+    assert photos.photo_names(str(folder)) == ["a.JPG", "b.jpeg", "c.PNG"]
     os.remove(folder / "c.PNG")
     with pytest.raises(DatasetError, match=r"only 2 photos \(a.JPG, b.jpeg\).*at least 3 views.*add photos"):
-        imgs2poses.photo_names(str(folder))
+        photos.photo_names(str(folder))
 
 
 def test_imgs2poses_masks_from_alpha(tmp_path):
-    imgs2poses = pytest.importorskip("process_data.imgs2poses", reason="needs pycolmap")
     folder = tmp_path / "images"
     os.makedirs(folder)
     names = [f"p{i}.png" for i in range(3)]
@@ -247,14 +246,14 @@ def test_imgs2poses_masks_from_alpha(tmp_path):
         rgba = photo(i, channels=4)
         rgba[:, :, 3] = object_mask(i)
         cv2.imwrite(str(folder / name), rgba)
-    out = imgs2poses.masks_from_alpha(str(folder), names, str(tmp_path / "colmap"))
+    out = photos.masks_from_alpha(str(folder), names, str(tmp_path / "colmap"))
     for i, name in enumerate(names):
         np.testing.assert_array_equal(cv2.imread(find_mask(out, name), cv2.IMREAD_UNCHANGED), object_mask(i))
     opaque = tmp_path / "opaque"
     os.makedirs(opaque)
     for name in names:
         cv2.imwrite(str(opaque / name), np.full((H, W, 4), 255, np.uint8))
-    assert imgs2poses.masks_from_alpha(str(opaque), names, str(tmp_path / "colmap2")) is None
+    assert photos.masks_from_alpha(str(opaque), names, str(tmp_path / "colmap2")) is None
 
 
 def test_gen_cameras_writes_8bit_rgb_and_binary_masks(tmp_path):

@@ -19,9 +19,8 @@ from process_data.colmap import ColmapDataset, load_colmap_scene, read_sparse_mo
 from process_data.dtu import load_neus_scene  # noqa: E402
 from process_data.loading import DatasetError, decompose_projection  # noqa: E402
 from process_data.gen_cameras import gen_cameras  # noqa: E402
-from process_data.imgs2poses import (  # noqa: E402
-    SfMOptions, exif_orientation, extract_features, run_sfm, upright_photos, write_feature_masks,
-)
+from process_data.imgs2poses import SfMOptions, extract_features, run_sfm  # noqa: E402
+from process_data.photos import exif_orientation, upright_photos, write_feature_masks  # noqa: E402
 from process_data.synthetic import camera_poses, make_demo_scene  # noqa: E402
 from utils.camera import aligned_pose_errors  # noqa: E402
 
