@@ -29,14 +29,14 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from process_data.colmap import mask_path
-from process_data.loading import MIN_VIEWS, DatasetError, alpha_masks, has_alpha, list_images, read_photo
+from process_data.loading import MASK_THRESHOLD, MIN_VIEWS, DatasetError, alpha_masks, has_alpha, list_images, read_photo
 from process_data.loading import read_mask as read_mask_file
+from utils.prefetch import is_jpeg
 
 log = logging.getLogger("imgs2poses.photos")
 
 
 USER_MASKS = "masks"
-MASK_THRESHOLD = 127  # mask pixels above it are the object (white)
 
 
 def photo_names(image_dir: str) -> List[str]:
@@ -97,10 +97,6 @@ def check_one_size(image_dir: str, names: List[str]) -> None:
             f"{size_b[0]}x{size_b[1]} (as shown, after any EXIF rotation); all photos share one camera, so take "
             "them with one camera and zoom, in one orientation (or crop/resize them to one size first)"
         )
-
-
-def is_jpeg(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in (".jpg", ".jpeg")
 
 
 def upright_photos(image_dir: str, names: List[str], work_dir: str) -> str:

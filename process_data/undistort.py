@@ -19,8 +19,9 @@ import numpy as np
 from tqdm import tqdm
 
 from process_data.colmap import SPARSE_MODEL, import_pycolmap, mask_path
-from process_data.loading import DatasetError
-from process_data.photos import JPEG_BEST, MASK_THRESHOLD, is_jpeg, read_mask
+from process_data.loading import MASK_THRESHOLD, DatasetError
+from process_data.photos import JPEG_BEST, read_mask
+from utils.prefetch import is_jpeg
 
 pycolmap = import_pycolmap()
 

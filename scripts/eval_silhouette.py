@@ -3,7 +3,7 @@
     python -m scripts.eval_silhouette --mesh outputs/.../save/it004000-mc256.ply \
         --root_dir ../shared/data/dtu_scan24 --img_downscale 4
 
-The mesh must be in the scene's world frame (what --mesh writes). Prints per-view and mean IoU.
+The mesh must be in the scene's world frame (what --mesh writes). Prints per-view and mean IoU, precision and recall.
 """
 import argparse
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import trimesh
 
 from process_data.dtu import load_neus_scene
-from utils.mesh import silhouette_iou
+from utils.mesh import silhouette_scores
 
 
 def main(argv=None) -> int:
@@ -29,13 +29,15 @@ def main(argv=None) -> int:
     if views.masks is None:
         print(f"{args.root_dir} has no mask/ folder", file=sys.stderr)
         return 2
-    ious = silhouette_iou(np.asarray(mesh.vertices), np.asarray(mesh.faces), views.world_mats, views.masks)
-    for name, iou in zip(views.names, ious):
-        print(f"{name}: {iou:.4f}")
-    print(f"mean IoU over {len(ious)} views: {np.mean(ious):.4f}")
+    scores = silhouette_scores(np.asarray(mesh.vertices), np.asarray(mesh.faces), views.world_mats, views.masks)
+    for name, (iou, precision, recall) in zip(views.names, scores):
+        print(f"{name}: IoU {iou:.4f} precision {precision:.4f} recall {recall:.4f}")
+    iou, precision, recall = scores.mean(axis=0)
+    print(f"mean over {len(scores)} views: IoU {iou:.4f} precision {precision:.4f} recall {recall:.4f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"mean_iou": float(np.mean(ious)), "per_view": dict(zip(views.names, ious))}, f, indent=1)
+            json.dump({"mean_iou": float(iou), "mean_precision": float(precision), "mean_recall": float(recall),
+                       "per_view": dict(zip(views.names, scores[:, 0].tolist()))}, f, indent=1)
     return 0
 
 
