@@ -186,14 +186,15 @@ def test_cos_anneal_knots_are_checked_at_build():
         check_anneal_knots([[10, 0.0], [5, 1.0]])
 
 
-def test_cpu_configs_finish_the_cos_anneal_over_the_last_tenth():
+def test_cpu_configs_take_the_cos_anneal_to_0_9_over_the_last_tenth():
     """The DTU CPU configs, masked and not, and the own-photos one: ratio 0.45 at 90% of the run,
-    1 at the end; with the knots emptied, the half anneal (cos_anneal_steps = 2 max_steps)."""
+    0.9 at the end; with the knots emptied, the half anneal (cos_anneal_steps = 2 max_steps)."""
     from models.neus import cos_anneal_ratio
 
     masked = load_config(CPU_CONFIG, ["trainer.max_steps=1000"]).model
-    assert masked.cos_anneal_knots == [[0.0, 0.0], [900.0, 0.45], [1000.0, 1.0]]
-    assert cos_anneal_ratio(950, masked.cos_anneal_steps, masked.cos_anneal_knots) == pytest.approx(0.725)
+    assert masked.cos_anneal_knots == [[0.0, 0.0], [900.0, 0.45], [1000.0, 0.9]]
+    assert cos_anneal_ratio(950, masked.cos_anneal_steps, masked.cos_anneal_knots) == pytest.approx(0.675)
+    assert cos_anneal_ratio(1000, masked.cos_anneal_steps, masked.cos_anneal_knots) == pytest.approx(0.9)
     unmasked = load_config(os.path.join(ROOT, "confs", "neus-dtu-cpu.yaml"), ["trainer.max_steps=1000"]).model
     assert unmasked.cos_anneal_knots == masked.cos_anneal_knots
     custom = load_config(os.path.join(ROOT, "confs", "neus-custom.yaml"), ["trainer.max_steps=1000"]).model
