@@ -3,7 +3,8 @@
     python -m scripts.eval_silhouette --mesh outputs/.../save/it004000-mc256.ply \
         --root_dir ../shared/data/dtu_scan24 --img_downscale 4
 
-The mesh must be in the scene's world frame (what --mesh writes). Prints per-view and mean IoU, precision and recall.
+The mesh must be in the scene's world frame (what --mesh writes). Prints per-view and mean IoU,
+precision and recall.
 """
 import argparse
 import json
