@@ -223,11 +223,5 @@ def silhouette_iou(
     vertices_world: np.ndarray, faces: np.ndarray, world_mats: Sequence[np.ndarray], masks: np.ndarray
 ) -> List[float]:
     """Per-view IoU between the mesh's silhouette and the mask (> 0.5); masks [N, H, W] and
-    world_mats already scaled to the masks' resolution."""
-    ious = []
-    for world_mat, mask in zip(world_mats, masks):
-        sil = rasterize_silhouette(vertices_world, faces, world_mat, (mask.shape[1], mask.shape[0]))
-        ref = mask > 0.5
-        union = (sil | ref).sum()
-        ious.append(float((sil & ref).sum() / union) if union else 1.0)
-    return ious
+    world_mats already scaled to the masks' resolution (silhouette_scores' first column)."""
+    return silhouette_scores(vertices_world, faces, world_mats, masks)[:, 0].tolist()
