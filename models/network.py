@@ -78,10 +78,13 @@ class SDFNetwork(nn.Module):
         if hasattr(self.encoding, "update_step"):
             self.encoding.update_step(global_step)
 
+    def unit_box(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, 3] in the normalised frame -> [N, 3], [0, 1] over the grid's box [-radius, radius]^3"""
+        return (x / self.radius + 1.0) * 0.5
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: [N, 3] normalised frame -> sdf [N], feature [N, feature_dim]"""
-        x01 = (x / self.radius + 1.0) * 0.5  # [N, 3] in [0, 1] over the grid's box
-        h = self.encoding(x01)  # [N, E]
+        h = self.encoding(self.unit_box(x))  # [N, E]
         if self.config.include_xyz:
             h = torch.cat([x, h], dim=-1)
         # float32 also under float16 autocast: fp16 positions |x| in [0.5, 1) are 4.9e-4 apart, so
@@ -125,20 +128,39 @@ class SDFNetwork(nn.Module):
 
 
 class ColorNetwork(nn.Module):
-    """(feature, SH(view direction), normal) -> sigmoid RGB."""
+    """(feature, SH(view direction), normal) -> sigmoid RGB; the feature is the SDF network's,
+    and with appearance_grid also the colour's own hash-grid encoding of the point."""
 
     @dataclass
     class Config:
         dir_encoding: Any = encoding_field({"otype": "SphericalHarmonics", "degree": 4})
         n_neurons: int = 64
         n_hidden_layers: int = 2
+        # a hash grid of its own for the colour, beside the geometry's features (off: the
+        # colour sees only what the SDF network's features carry)
+        appearance_grid: bool = False
+        xyz_encoding: Any = encoding_field({"otype": "HashGrid"})
 
     def __init__(self, config: "ColorNetwork.Config", feature_dim: int):
         super().__init__()
         self.dir_encoding = get_encoding(config.dir_encoding, 3)
+        self.encoding = get_encoding(config.xyz_encoding, 3) if config.appearance_grid else None
+        if self.encoding is not None:
+            feature_dim += self.encoding.n_output_dims
         dims = [feature_dim + self.dir_encoding.n_output_dims + 3]
         dims += [config.n_neurons] * config.n_hidden_layers + [3]
         self.mlp = make_mlp(dims, nn.ReLU(inplace=True), use_weight_norm=True, output_activation=nn.Sigmoid())
+
+    def update_step(self, global_step: int) -> None:
+        if self.encoding is not None and hasattr(self.encoding, "update_step"):
+            self.encoding.update_step(global_step)
+
+    def point_features(self, x01: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """The colour's features of points: x01 [N, 3] in [0, 1] over the grid's box, the SDF
+        network's feature [N, F] -> [N, F] or, with the appearance grid, [N, F + E]."""
+        if self.encoding is None:
+            return feature
+        return torch.cat([feature, self.encoding(x01).float()], dim=-1)
 
     def forward(self, feature: torch.Tensor, dirs: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
         """feature [N, F], dirs [N, 3] unit, normal [N, 3] unit -> rgb [N, 3] in (0, 1)"""

@@ -97,6 +97,7 @@ class NeuSModel(Configurable, nn.Module):
         self.cos_anneal_ratio.fill_(
             cos_anneal_ratio(global_step, self.config.cos_anneal_steps, self.config.cos_anneal_knots))
         self.geometry.update_step(global_step)
+        self.texture.update_step(global_step)
         if self.background is not None:
             self.background.set_step(global_step)
 
@@ -156,6 +157,7 @@ class NeuSModel(Configurable, nn.Module):
         def colour(packed):
             points = packed[:, :3]
             _, feature, grad = self.geometry.forward_with_grad(points, create_graph=False)
+            feature = self.texture.point_features(self.geometry.unit_box(points), feature)
             normal = normalize(grad)
             if dirs is None:
                 return self.texture(feature, -normal, normal)
@@ -194,6 +196,7 @@ class NeuSModel(Configurable, nn.Module):
             sdf, feature, grad = self.geometry.forward_with_grad(x, create_graph=self.training)
         with record_function("colour network"):
             normal = normalize(grad)  # [n_samples, 3]
+            feature = self.texture.point_features(self.geometry.unit_box(x), feature)  # [n_samples, F (+ E)]
             rgb = self.texture(feature, dirs, normal)  # [n_samples, 3]
         with record_function("compositing"):
             # the networks' outputs are float32 (also under autocast): alpha and compositing stay exact

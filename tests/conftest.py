@@ -28,6 +28,9 @@ TINY = {  # a small model, compile off (compiling takes longer than these runs),
     "model.geometry.xyz_encoding.n_levels": "6",
     "model.geometry.xyz_encoding.log2_hashmap_size": "12",
     "model.geometry.xyz_encoding.compile": "false",
+    "model.texture.xyz_encoding.n_levels": "6",  # the CPU configs' appearance grid, as small
+    "model.texture.xyz_encoding.log2_hashmap_size": "12",
+    "model.texture.xyz_encoding.compile": "false",
     "model.sampler.resolution": "32",
     # the CPU configs' cos-anneal knots follow trainer.max_steps, which the resume tests change:
     # the plain linear anneal (tests/test_config.py checks the knots)

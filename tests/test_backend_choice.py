@@ -31,12 +31,13 @@ def test_auto_on_cpu_is_logged_once_and_recorded(scene, tmp_path, capsys):
                          "trainer.max_steps=2")
     assert code == 0, err[-3000:]
     grid = "cpp" if cpp_build_error() is None else "torch"
-    expected = {"model.geometry.xyz_encoding.backend": grid, "model.sampler.backend": "torch",
-                "trainer.precision": "fp32"}
+    expected = {"model.geometry.xyz_encoding.backend": grid, "model.texture.xyz_encoding.backend": grid,
+                "model.sampler.backend": "torch", "trainer.precision": "fp32"}
     trial = trial_dir(outputs)
     with open(os.path.join(trial, "config", "backends.yaml")) as f:
         assert yaml.safe_load(f) == expected
-    line = f"backends: model.geometry.xyz_encoding.backend={grid}, model.sampler.backend=torch, trainer.precision=fp32"
+    line = (f"backends: model.geometry.xyz_encoding.backend={grid}, model.texture.xyz_encoding.backend={grid}, "
+            "model.sampler.backend=torch, trainer.precision=fp32")
     assert [ln for ln in err.splitlines() if "backends:" in ln] == [ln for ln in err.splitlines() if line in ln]
     assert len([ln for ln in err.splitlines() if "backends:" in ln]) == 1
     with open(os.path.join(trial, "train.log")) as f:
@@ -50,6 +51,7 @@ def test_built_components_run_what_was_recorded(scene, tmp_path):
     model = system.model
     assert system.backends["model.background.xyz_encoding.backend"] == model.background.encoding.backend
     assert system.backends["model.geometry.xyz_encoding.backend"] == model.geometry.encoding.backend
+    assert system.backends["model.texture.xyz_encoding.backend"] == model.texture.encoding.backend
     assert system.backends["model.sampler.backend"] == model.occupancy.backend
     assert model.packed is (NERFACC_OPS if model.occupancy.backend == "nerfacc" else TORCH_OPS)
     assert system.mixed_precision == (system.backends["trainer.precision"] == "fp16-mixed")

@@ -70,7 +70,8 @@ def test_the_sdf_mlp_stays_float32_under_autocast():
     plain = (*model.forward_with_grad(x, create_graph=True), model.sdf(x))
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         mixed = (*model.forward_with_grad(x, create_graph=True), model.sdf(x))
-        rgb = colour.mlp(torch.cat([mixed[1], torch.zeros(64, colour.dir_encoding.n_output_dims), mixed[2]], dim=-1))
+        feature = colour.point_features(model.unit_box(x), mixed[1])  # [64, F (+ appearance grid)]
+        rgb = colour.mlp(torch.cat([feature, torch.zeros(64, colour.dir_encoding.n_output_dims), mixed[2]], dim=-1))
     for a, b in zip(mixed, plain):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
