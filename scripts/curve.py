@@ -12,7 +12,8 @@ mark's checkpoint and the final one are meshed with the config's export settings
 - silhouette IoU, precision and recall of the mesh against the scene's masks, mean over ALL views;
 - PSNR inside the mask over the held-out views (dataset.holdout_every), from every --psnr_stride-th pixel
   in each direction (default 4: an unbiased estimate, 16x cheaper; the test stage reports every pixel);
-- Chamfer / F-score against `gt_mesh.ply` where the scene has one (see export.fscore_threshold);
+- Chamfer / F-score and the median signed offset (negative: the surface lies inside the object)
+  against `gt_mesh.ply` where the scene has one (see export.fscore_threshold);
 - the connected components of the marching-cubes surface before clean-up (and of the written mesh).
 
 Writes DIR/curve.json, DIR/curve.md (a table) and DIR/curve.png (IoU, recall and PSNR against
@@ -129,7 +130,7 @@ def score(config_file: str, overrides: List[str], trial_dir: str, psnr_stride: i
 
 COLUMNS = [("mark", "mark (s)"), ("seconds", "wall s"), ("step", "step"), ("iou", "IoU"), ("precision", "precision"),
            ("recall", "recall"), ("psnr_masked", "PSNR in mask"), ("psnr", "PSNR"), ("chamfer", "Chamfer"),
-           ("fscore", "F-score"), ("raw_components", "components (raw)"), ("mesh_components", "components (mesh)")]
+           ("fscore", "F-score"), ("offset_median", "offset (median, - inside)"), ("raw_components", "components (raw)"), ("mesh_components", "components (mesh)")]
 
 
 def write_table(rows: List[Dict[str, Any]], path: str, title: str) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from utils.metrics import chamfer_distance, f_score, mesh_metrics, sample_surface
+from utils.metrics import chamfer_distance, f_score, face_normals, mesh_metrics, sample_surface, signed_offsets
 
 SQUARE_V = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=np.float64)
 SQUARE_F = np.array([[0, 1, 2], [0, 2, 3]])
@@ -122,3 +122,29 @@ def test_empty_prediction():
     out = chamfer_distance(np.zeros((0, 3)), gt, max_dist=2.0)
     assert math.isnan(out["accuracy"]) and out["completeness"] == 2.0
     assert f_score(np.zeros((0, 3)), gt, 0.1) == {"precision": 0.0, "recall": 0.0, "fscore": 0.0}
+
+
+def test_signed_offsets_by_hand():
+    # the unit square in z = 0, wound counter-clockwise seen from +z: its normal is +z
+    assert np.array_equal(face_normals(SQUARE_V, SQUARE_F), [[0, 0, 1], [0, 0, 1]])
+    surface = np.array([[0.0, 0, 0], [1.0, 0, 0]])
+    normals = np.array([[0.0, 0, 1], [0.0, 0, 1]])
+    points = np.array([[0.0, 0, 0.5], [1.0, 0, -0.25], [0.9, 0, 0.0], [0.0, 3.0, -4.0]])
+    # nearest sample, then the distance to its tangent plane: +0.5, -0.25, 0 (beside it in the
+    # plane: 0.1 away from the sample, but on the surface), -4 (5 from the sample, 4 below its plane)
+    got = signed_offsets(points, surface, normals)
+    np.testing.assert_allclose(got, [0.5, -0.25, 0.0, -4.0])
+
+
+@pytest.mark.parametrize("d", [-0.04, 0.03])
+def test_a_shrunk_or_grown_sphere_shows_its_offset_and_side(d):
+    """Predicted sphere of radius 1 + d against the true radius 1: the unsigned Chamfer is |d| either
+    way, the median signed offset is d and the share inside is 1 (shrunk) or 0 (grown)."""
+    out = mesh_metrics(*sphere(1.0 + d), *sphere(1.0), n_points=50000, threshold=0.1, seed=0)
+    assert out["chamfer"] == pytest.approx(abs(d), rel=0.05)
+    assert out["offset_median"] == pytest.approx(d, rel=0.05)
+    assert out["inside_fraction"] == (1.0 if d < 0 else 0.0)
+    # the faces wound the other way round flip the sign: the true mesh must be wound outward
+    v, f = sphere(1.0)
+    flipped = mesh_metrics(*sphere(1.0 + d), v, f[:, ::-1], n_points=50000, threshold=0.1, seed=0)
+    assert flipped["offset_median"] == pytest.approx(-d, rel=0.05)

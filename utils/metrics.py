@@ -57,24 +57,52 @@ def ssim(pred: torch.Tensor, gt: torch.Tensor, mask: Optional[torch.Tensor] = No
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_surface(vertices: np.ndarray, faces: np.ndarray, n_points: int, seed: int = 0) -> np.ndarray:
+def sample_surface(vertices: np.ndarray, faces: np.ndarray, n_points: int, seed: int = 0,
+                   return_faces: bool = False):
     """Uniform samples on a triangle mesh: a face drawn with probability area_f / sum(area),
     then a uniform point in it, p = (1 - sqrt(r1)) a + sqrt(r1) (1 - r2) b + sqrt(r1) r2 c with
-    r1, r2 ~ U[0, 1). vertices [V, 3], faces [F, 3] -> points [n_points, 3] (float64).
-    Deterministic for a given seed; an empty or zero-area mesh gives [0, 3]."""
+    r1, r2 ~ U[0, 1). vertices [V, 3], faces [F, 3] -> points [n_points, 3] (float64), and with
+    return_faces the face of each point [n_points] (int64). Deterministic for a given seed; an
+    empty or zero-area mesh gives [0, 3] (and [0])."""
     vertices = np.asarray(vertices, dtype=np.float64)
     faces = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
     tri = vertices[faces]  # [F, 3, 3]
     areas = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=-1)  # [F]
     total = areas.sum() if len(areas) else 0.0
     if n_points <= 0 or not total > 0:
-        return np.zeros((0, 3))
+        return (np.zeros((0, 3)), np.zeros(0, dtype=np.int64)) if return_faces else np.zeros((0, 3))
     rng = np.random.default_rng(seed)
     face = rng.choice(len(faces), size=n_points, p=areas / total)  # [n]
     r1 = np.sqrt(rng.random((n_points, 1)))
     r2 = rng.random((n_points, 1))
     a, b, c = tri[face, 0], tri[face, 1], tri[face, 2]
-    return (1 - r1) * a + r1 * (1 - r2) * b + r1 * r2 * c
+    points = (1 - r1) * a + r1 * (1 - r2) * b + r1 * r2 * c  # [n, 3]
+    return (points, face) if return_faces else points
+
+
+def face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Unit normals n_f = (b - a) x (c - a) / |...| of the faces (a, b, c): outward for faces wound
+    counter-clockwise seen from outside. vertices [V, 3], faces [F, 3] -> [F, 3] (0 for a
+    degenerate face)."""
+    tri = np.asarray(vertices, dtype=np.float64)[np.asarray(faces, dtype=np.int64).reshape(-1, 3)]  # [F, 3, 3]
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # [F, 3]
+    length = np.linalg.norm(n, axis=-1, keepdims=True)  # [F, 1]
+    return np.divide(n, length, out=np.zeros_like(n), where=length > 0)
+
+
+def signed_offsets(points: np.ndarray, surface_points: np.ndarray, surface_normals: np.ndarray) -> np.ndarray:
+    """Signed point-to-plane distance of each point to a densely sampled oriented surface:
+        s_i = <p_i - q_j, n_j>,  j = argmin_j |p_i - q_j|
+    positive outside (on the normals' side), negative inside; the plane of the nearest sample
+    rather than the sample itself, so the gaps between samples add no spread. points [N, 3],
+    surface_points [M, 3] with their unit normals [M, 3] -> [N]."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if len(points) == 0 or len(surface_points) == 0:
+        return np.zeros(0)
+    from scipy.spatial import cKDTree
+
+    j = cKDTree(surface_points).query(points, k=1, workers=-1)[1]  # [N]
+    return ((points - surface_points[j]) * surface_normals[j]).sum(-1)  # [N]
 
 
 def nearest_distances(points_from: np.ndarray, points_to: np.ndarray) -> np.ndarray:
@@ -142,13 +170,21 @@ def mesh_metrics(
     default threshold 1.0 means 1 mm for meshes in the DTU world frame; pass a threshold
     suited to other frames (e.g. ~0.005 for the normalised unit sphere).
     vertices [V, 3], faces [F, 3] -> {accuracy, completeness, chamfer, precision, recall,
-    fscore, threshold, n_points} as plain (json-friendly) numbers."""
+    fscore, threshold, n_points, offset_median, inside_fraction} as plain (json-friendly) numbers.
+    offset_median is the median signed distance from the predicted surface to the true one and
+    inside_fraction the share of predicted samples inside it (signed_offsets, with the true faces'
+    normals): a surface that sits systematically inside the object (a shrink) shows as a negative
+    offset and a fraction near 1, where the unsigned Chamfer cannot tell inside from outside. The
+    sign needs the true mesh's faces wound outward."""
     pts_pred = sample_surface(pred_vertices, pred_faces, n_points, seed)
-    pts_gt = sample_surface(gt_vertices, gt_faces, n_points, seed + 1)
+    pts_gt, gt_face = sample_surface(gt_vertices, gt_faces, n_points, seed + 1, return_faces=True)
     d_pred = nearest_distances(pts_pred, pts_gt)
     d_gt = nearest_distances(pts_gt, pts_pred)
     acc, comp = _mean(np.minimum(d_pred, max_dist)), _mean(np.minimum(d_gt, max_dist))
     out = {"accuracy": acc, "completeness": comp, "chamfer": (acc + comp) / 2}
+    offsets = signed_offsets(pts_pred, pts_gt, face_normals(gt_vertices, gt_faces)[gt_face])  # [n_points]
+    out["offset_median"] = float(np.median(offsets)) if len(offsets) else float("nan")
+    out["inside_fraction"] = float((offsets < 0).mean()) if len(offsets) else float("nan")
     out.update(_fscore_from_distances(d_pred, d_gt, threshold))
     out.update({"threshold": float(threshold), "n_points": int(n_points)})
     return out
