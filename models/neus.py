@@ -31,6 +31,26 @@ def cos_anneal_ratio(step: int, steps: int, knots: List[List[float]]) -> float:
     return 1.0 if steps <= 0 else min(1.0, step / steps)
 
 
+def render_step_at(step: int, base: float, knots: List[List[float]]) -> float:
+    """The marching step at a training step: with knots [[step_0, size_0], [step_1, size_1], ...]
+    (steps increasing) piecewise CONSTANT, size_k from step_k on; `base` before the first knot
+    and without knots."""
+    size = base
+    for knot_step, knot_size in knots:
+        if step >= knot_step:
+            size = float(knot_size)
+    return size
+
+
+def check_step_knots(knots: List[List[float]], path: str = "model.render_step_knots") -> None:
+    """Raise ConfigError unless knots are [step, size] pairs, steps increasing, sizes > 0."""
+    for i, knot in enumerate(knots):
+        if len(knot) != 2 or not knot[1] > 0:
+            raise ConfigError(f"{path}[{i}]: expected a [step, size] pair with the size > 0, got {list(knot)}")
+        if i and knot[0] <= knots[i - 1][0]:
+            raise ConfigError(f"{path}: the steps must increase, got {knots[i - 1][0]} then {knot[0]}")
+
+
 def check_anneal_knots(knots: List[List[float]], path: str = "model.cos_anneal_knots") -> None:
     """Raise ConfigError unless knots are [step, ratio] pairs, steps increasing, ratios in [0, 1]."""
     for i, knot in enumerate(knots):
@@ -54,6 +74,9 @@ class NeuSModel(Configurable, nn.Module):
         name: str = "neus"
         radius: float = 1.0  # the scene (normalised frame) lies in [-radius, radius]^3
         render_step_size: float = 0.0034  # ray-marching step, normalised units
+        # or a schedule: [[step, size], ...], piecewise constant, size from that step on (training
+        # and every render after it; render_step_size before the first knot)
+        render_step_knots: List[List[float]] = field(default_factory=list)
         cos_anneal_steps: int = 0  # steps over which NeuS anneals cos (0: true cos from the start)
         # or a schedule: [[step, ratio], ...], piecewise linear (replaces cos_anneal_steps when given)
         cos_anneal_knots: List[List[float]] = field(default_factory=list)
@@ -71,6 +94,7 @@ class NeuSModel(Configurable, nn.Module):
         in it builds the torch reference."""
         super().__init__()
         check_anneal_knots(config.cos_anneal_knots)
+        check_step_knots(config.render_step_knots)
         self.config = config
         self.geometry = SDFNetwork(config.geometry, config.radius)
         self.texture = ColorNetwork(config.texture, config.geometry.feature_dim)
@@ -81,6 +105,18 @@ class NeuSModel(Configurable, nn.Module):
         self.background = BackgroundField(config.background, config.radius) if config.background.enabled else None
         # state of the schedules, saved with the model so that renders after a reload match
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0))
+        self.register_buffer("render_step", torch.tensor(float(config.render_step_size), dtype=torch.float64))
+        self._register_load_state_dict_pre_hook(self._checkpoint_without_render_step)
+
+    def _checkpoint_without_render_step(self, state_dict, prefix, *_) -> None:
+        """Checkpoints written before render_step_knots were trained at render_step_size throughout."""
+        state_dict.setdefault(prefix + "render_step", torch.tensor(float(self.config.render_step_size),
+                                                                   dtype=torch.float64))
+
+    @property
+    def step_size(self) -> float:
+        """The marching step now (render_step_knots at the last set_step; saved with the model)."""
+        return float(self.render_step)
 
     def parameter_groups(self) -> Dict[str, list]:
         groups = {
@@ -93,9 +129,10 @@ class NeuSModel(Configurable, nn.Module):
         return groups
 
     def set_step(self, global_step: int) -> None:
-        """Schedules that follow the training step: cos annealing and hash-grid levels."""
+        """Schedules that follow the training step: cos annealing, marching step and hash-grid levels."""
         self.cos_anneal_ratio.fill_(
             cos_anneal_ratio(global_step, self.config.cos_anneal_steps, self.config.cos_anneal_knots))
+        self.render_step.fill_(render_step_at(global_step, self.config.render_step_size, self.config.render_step_knots))
         self.geometry.update_step(global_step)
         self.texture.update_step(global_step)
         if self.background is not None:
@@ -117,7 +154,7 @@ class NeuSModel(Configurable, nn.Module):
         alpha may reach the grid's threshold (models/occupancy.py: screened_sdf); the SDF is
         taken to be SCREEN_LIPSCHITZ-Lipschitz (the sphere init is 1-Lipschitz, the eikonal loss
         keeps it near 1)."""
-        inv_s, step = self.variance.inv_s(), self.config.render_step_size
+        inv_s, step = self.variance.inv_s(), self.step_size
 
         def head_on_alpha(sdf: torch.Tensor) -> torch.Tensor:
             return neus_alpha(sdf, torch.full_like(sdf, -1.0), torch.full_like(sdf, step), inv_s)
@@ -186,7 +223,7 @@ class NeuSModel(Configurable, nn.Module):
         t_max = None if self.background is None else ray_sphere_intersect(rays_o, rays_d, self.config.radius)[1]
         with record_function("march"):  # named scopes: scripts/benchmark.py --profile reports them
             ray_indices, t_starts, t_ends = self.occupancy.sample(
-                rays_o, rays_d, self.config.render_step_size, stratified=self.training, alpha_fn=visibility_alpha,
+                rays_o, rays_d, self.step_size, stratified=self.training, alpha_fn=visibility_alpha,
                 t_max=t_max,
             )
         t_mid = 0.5 * (t_starts + t_ends)  # [n_samples]
