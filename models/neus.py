@@ -1,7 +1,7 @@
 """NeuS: an SDF, a colour field and a learned sharpness, rendered with occupancy-grid sampling."""
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,22 +42,24 @@ def render_step_at(step: int, base: float, knots: List[List[float]]) -> float:
     return size
 
 
-def check_step_knots(knots: List[List[float]], path: str = "model.render_step_knots") -> None:
-    """Raise ConfigError unless knots are [step, size] pairs, steps increasing, sizes > 0."""
+def check_knots(knots: List[List[float]], path: str, value: str, valid: Callable[[float], bool], rule: str) -> None:
+    """Raise ConfigError unless knots are [step, value] pairs, steps increasing, each value
+    valid(value) (`rule` says what that is in the message)."""
     for i, knot in enumerate(knots):
-        if len(knot) != 2 or not knot[1] > 0:
-            raise ConfigError(f"{path}[{i}]: expected a [step, size] pair with the size > 0, got {list(knot)}")
+        if len(knot) != 2 or not valid(knot[1]):
+            raise ConfigError(f"{path}[{i}]: expected a [step, {value}] pair with the {value} {rule}, got {list(knot)}")
         if i and knot[0] <= knots[i - 1][0]:
             raise ConfigError(f"{path}: the steps must increase, got {knots[i - 1][0]} then {knot[0]}")
+
+
+def check_step_knots(knots: List[List[float]], path: str = "model.render_step_knots") -> None:
+    """Raise ConfigError unless knots are [step, size] pairs, steps increasing, sizes > 0."""
+    check_knots(knots, path, "size", lambda size: size > 0, "> 0")
 
 
 def check_anneal_knots(knots: List[List[float]], path: str = "model.cos_anneal_knots") -> None:
     """Raise ConfigError unless knots are [step, ratio] pairs, steps increasing, ratios in [0, 1]."""
-    for i, knot in enumerate(knots):
-        if len(knot) != 2 or not 0.0 <= knot[1] <= 1.0:
-            raise ConfigError(f"{path}[{i}]: expected a [step, ratio] pair with the ratio in [0, 1], got {list(knot)}")
-        if i and knot[0] <= knots[i - 1][0]:
-            raise ConfigError(f"{path}: the steps must increase, got {knots[i - 1][0]} then {knot[0]}")
+    check_knots(knots, path, "ratio", lambda ratio: 0.0 <= ratio <= 1.0, "in [0, 1]")
 
 
 def chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:

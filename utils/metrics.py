@@ -1,7 +1,7 @@
 """Image metrics (PSNR, SSIM), whole image or inside a mask; mesh / point-cloud metrics
 (surface sampling, Chamfer distance, F-score)."""
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -90,33 +90,38 @@ def face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return np.divide(n, length, out=np.zeros_like(n), where=length > 0)
 
 
-def signed_offsets(points: np.ndarray, surface_points: np.ndarray, surface_normals: np.ndarray) -> np.ndarray:
+def signed_offsets(points: np.ndarray, surface_points: np.ndarray, surface_normals: np.ndarray,
+                   nearest: Optional[np.ndarray] = None) -> np.ndarray:
     """Signed point-to-plane distance of each point to a densely sampled oriented surface:
         s_i = <p_i - q_j, n_j>,  j = argmin_j |p_i - q_j|
     positive outside (on the normals' side), negative inside; the plane of the nearest sample
     rather than the sample itself, so the gaps between samples add no spread. points [N, 3],
-    surface_points [M, 3] with their unit normals [M, 3] -> [N]."""
+    surface_points [M, 3] with their unit normals [M, 3] (and j [N] when already known) -> [N]."""
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if len(points) == 0 or len(surface_points) == 0:
         return np.zeros(0)
-    from scipy.spatial import cKDTree
-
-    j = cKDTree(surface_points).query(points, k=1, workers=-1)[1]  # [N]
+    j = nearest_points(points, surface_points)[1] if nearest is None else nearest  # [N]
     return ((points - surface_points[j]) * surface_normals[j]).sum(-1)  # [N]
 
 
-def nearest_distances(points_from: np.ndarray, points_to: np.ndarray) -> np.ndarray:
-    """d_i = min_j |from_i - to_j| (Euclidean, cKDTree). from [N, 3], to [M, 3] -> [N];
-    all inf when `points_to` is empty."""
+def nearest_points(points_from: np.ndarray, points_to: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """d_i = min_j |from_i - to_j| (Euclidean, cKDTree) and that j. from [N, 3], to [M, 3] ->
+    d [N], j [N]; all inf (and j = 0) when `points_to` is empty."""
     points_from = np.asarray(points_from, dtype=np.float64).reshape(-1, 3)
     points_to = np.asarray(points_to, dtype=np.float64).reshape(-1, 3)
     if len(points_to) == 0:
-        return np.full(len(points_from), np.inf)
+        return np.full(len(points_from), np.inf), np.zeros(len(points_from), dtype=np.int64)
     if len(points_from) == 0:
-        return np.zeros(0)
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
     from scipy.spatial import cKDTree  # 0.4 s to import: not on a training's start-up
 
-    return cKDTree(points_to).query(points_from, k=1, workers=-1)[0]
+    return cKDTree(points_to).query(points_from, k=1, workers=-1)
+
+
+def nearest_distances(points_from: np.ndarray, points_to: np.ndarray) -> np.ndarray:
+    """d_i = min_j |from_i - to_j| (nearest_points' distances). from [N, 3], to [M, 3] -> [N];
+    all inf when `points_to` is empty."""
+    return nearest_points(points_from, points_to)[0]
 
 
 def _mean(x: np.ndarray) -> float:
@@ -178,11 +183,11 @@ def mesh_metrics(
     sign needs the true mesh's faces wound outward."""
     pts_pred = sample_surface(pred_vertices, pred_faces, n_points, seed)
     pts_gt, gt_face = sample_surface(gt_vertices, gt_faces, n_points, seed + 1, return_faces=True)
-    d_pred = nearest_distances(pts_pred, pts_gt)
+    d_pred, nearest_gt = nearest_points(pts_pred, pts_gt)  # [n_points], [n_points]
     d_gt = nearest_distances(pts_gt, pts_pred)
     acc, comp = _mean(np.minimum(d_pred, max_dist)), _mean(np.minimum(d_gt, max_dist))
     out = {"accuracy": acc, "completeness": comp, "chamfer": (acc + comp) / 2}
-    offsets = signed_offsets(pts_pred, pts_gt, face_normals(gt_vertices, gt_faces)[gt_face])  # [n_points]
+    offsets = signed_offsets(pts_pred, pts_gt, face_normals(gt_vertices, gt_faces)[gt_face], nearest_gt)  # [n_points]
     out["offset_median"] = float(np.median(offsets)) if len(offsets) else float("nan")
     out["inside_fraction"] = float((offsets < 0).mean()) if len(offsets) else float("nan")
     out.update(_fscore_from_distances(d_pred, d_gt, threshold))
