@@ -23,12 +23,13 @@ def _grads(step: int, params):
     return [torch.randn(p.shape, generator=generator) for p in params]
 
 
-def test_one_step_by_hand():
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_step_by_hand(fused):
     """t = 1, g = 2, lr 0.1, betas (0.9, 0.99), eps 0, weight decay 0.5, p = 1:
     p <- 1 * (1 - 0.05) = 0.95; m = 0.1 * 2 = 0.2; v = 0.01 * 4 = 0.04;
     p <- 0.95 - 0.1 / 0.1 * 0.2 / (sqrt(0.04) / sqrt(0.01)) = 0.95 - 0.2 / 2 = 0.85."""
     p = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = AdamW([{"params": [p], "lr": 0.1}], betas=(0.9, 0.99), eps=0.0, weight_decay=0.5)
+    opt = AdamW([{"params": [p], "lr": 0.1}], betas=(0.9, 0.99), eps=0.0, weight_decay=0.5, fused=fused)
     p.grad = torch.tensor([2.0])
     opt.step()
     torch.testing.assert_close(p.detach(), torch.tensor([0.85]))
@@ -37,14 +38,17 @@ def test_one_step_by_hand():
     assert opt.state[p]["step"].item() == 1.0
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_matches_torch_adamw(weight_decay):
+def test_matches_torch_adamw(weight_decay, fused):
     """Six steps with two groups, a schedule and a parameter that has no gradient at step 2:
-    the same parameters, moments and learning rates as torch.optim.AdamW + LambdaLR."""
+    bit for bit the same parameters, moments and learning rates as torch.optim.AdamW + LambdaLR
+    (its single-tensor algorithm for ours unfused, its fused kernel for ours fused)."""
     ours, ref = _params(), _params()
     factor = lambda step: 0.5 + 0.1 * step  # noqa: E731
-    opt = AdamW(_groups(ours), betas=(0.9, 0.99), eps=1e-15, weight_decay=weight_decay)
-    ref_opt = torch.optim.AdamW(_groups(ref), betas=(0.9, 0.99), eps=1e-15, weight_decay=weight_decay, foreach=False)
+    opt = AdamW(_groups(ours), betas=(0.9, 0.99), eps=1e-15, weight_decay=weight_decay, fused=fused)
+    ref_opt = torch.optim.AdamW(_groups(ref), betas=(0.9, 0.99), eps=1e-15, weight_decay=weight_decay,
+                                **({"fused": True} if fused else {"foreach": False}))
     sched, ref_sched = LambdaSchedule(opt, factor), torch.optim.lr_scheduler.LambdaLR(ref_opt, factor)
     for step in range(6):
         for params in (ours, ref):
@@ -72,7 +76,7 @@ def test_state_dict_loads_both_ways():
             p.grad = g
         ref_opt.step(), ref_sched.step()
     ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
-    opt = AdamW(_groups(ours), betas=(0.9, 0.99), eps=1e-15, weight_decay=0.0)
+    opt = AdamW(_groups(ours), betas=(0.9, 0.99), eps=1e-15, weight_decay=0.0, fused=False)
     sched = LambdaSchedule(opt, lambda s: 0.9 ** s)
     opt.load_state_dict(ref_opt.state_dict())
     sched.load_state_dict(ref_sched.state_dict())
@@ -89,6 +93,28 @@ def test_state_dict_loads_both_ways():
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([g["lr"] for g in ref_opt.param_groups])
+
+
+def test_fused_matches_reference():
+    """The fused step (the default) against the single-tensor reference over 50 steps of a
+    hash-table-sized parameter and two small ones, with weight decay: the same values to float32
+    rounding, and the same step counts."""
+    def run(fused):
+        generator = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in ((4096, 2), (7,), ())]
+        opt = AdamW(_groups(params), betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01, fused=fused)
+        for step in range(50):
+            for p, g in zip(params, _grads(step, params)):
+                p.grad = g * 0.01
+            opt.step()
+        return params, opt
+
+    (fused, fused_opt), (ref, ref_opt) = run(True), run(False)
+    assert fused_opt.fused and not ref_opt.fused
+    for p, q in zip(fused, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused_opt.state[p]["exp_avg_sq"], ref_opt.state[q]["exp_avg_sq"])
+        assert fused_opt.state[p]["step"].item() == ref_opt.state[q]["step"].item() == 50.0
 
 
 def test_load_refuses_other_groups():
