@@ -99,13 +99,13 @@ class AdamW:
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if self.fused:
-                fusable = [p for p in params if self._fusable(p)]
-                if fusable:
-                    self._fused_step(group, fusable)
-                params = [p for p in params if not self._fusable(p)]
-            for param in params:
+            fused, single = [], []
+            for p in group["params"]:
+                if p.grad is not None:
+                    (fused if self.fused and self._fusable(p) else single).append(p)
+            if fused:
+                self._fused_step(group, fused)
+            for param in single:
                 self._single_step(group, param)
 
     def _fused_step(self, group: Dict[str, Any], params: List[torch.Tensor]) -> None:
