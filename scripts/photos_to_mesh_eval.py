@@ -125,7 +125,8 @@ def score(scene: str, work: str, mesh_path: str, downscale: float) -> Dict:
 
 
 def newest_mesh(outputs: str) -> str:
-    meshes = glob.glob(os.path.join(outputs, "*", "*", "save", "it*-mc*.ply"))
+    meshes = [path for path in glob.glob(os.path.join(outputs, "*", "*", "save", "it*-mc*.ply"))
+              if not path.endswith("-removed.ply")]  # export.isolate's cut-off part lies beside the mesh
     if not meshes:
         raise SystemExit(f"no mesh under {outputs}/*/*/save/: run the train stage first (or pass --mesh)")
     return max(meshes, key=os.path.getmtime)

@@ -27,7 +27,8 @@ from utils.mesh import (
     sdf_on_grid,
     to_world,
 )
-from utils.isolate import find_support_plane, split_at_plane
+from utils.isolate import find_support_plane, split_at_plane, support_plane_from_points
+from utils.triangulate import sparse_points
 from utils.metrics import mesh_metrics
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ class ExportConfig:
     isolate: bool = False
     isolate_margin: float = 0.02
     isolate_tolerance: float = 0.01  # RANSAC inlier distance of the plane
+    # when the surface holds too little of the table (the background took it), the plane is found
+    # among points triangulated from the training photos (utils/triangulate.py: the lowest plane
+    # holding many of them) and the surface is cut isolate_points_margin from it: below the band
+    # of +-isolate_points_tolerance that the table's points fill, so that the object's foot stays
+    isolate_from_points: bool = True
+    isolate_points_tolerance: float = 0.02
+    isolate_points_margin: float = -0.03
     # a textured mesh beside the coloured one (systems/texture.py): it<step>-mc<res>-textured.obj
     # (+ .mtl, .png) and .glb, the mesh decimated to texture_faces, a texture_size^2 atlas
     texture: bool = False
@@ -95,6 +103,7 @@ class MeshExport:
         self.dataset = dataset
         self.config = config
         self.device = device
+        self._photo_points: Optional[np.ndarray] = None  # export.isolate's points, triangulated once
 
     def export(self, step: int, save_dir: str) -> List[str]:
         """Marching cubes on the SDF -> coloured mesh in the dataset's world frame, written to
@@ -145,17 +154,36 @@ class MeshExport:
     def isolate(self, vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """export.isolate: the faces of the object above its supporting plane and the faces cut
         off (None when no support plane is found: the surface is kept whole)."""
-        cfg = self.config
-        plane = find_support_plane(vertices, faces, self.dataset.views.c2w, self.model.config.radius,
-                                   cfg.isolate_tolerance)
-        if plane is None:
-            log.info("isolate: no supporting plane under the object (cameras on one side, reaching the region's "
-                     "edge); the mesh is kept whole")
-            return faces, None
-        kept, removed = split_at_plane(vertices, faces, plane, cfg.isolate_margin)
-        log.info("isolate: support plane n=(%.3f, %.3f, %.3f) d=%.3f carries %.0f%% of the surface; kept %d of %d "
-                 "faces", *plane.normal, plane.offset, 100 * plane.area_share, len(kept), len(faces))
-        return kept, removed
+        cfg, views = self.config, self.dataset.views
+        plane = find_support_plane(vertices, faces, views.c2w, self.model.config.radius, cfg.isolate_tolerance)
+        if plane is not None:
+            kept, removed = split_at_plane(vertices, faces, plane, cfg.isolate_margin)
+            log.info("isolate: support plane n=(%.3f, %.3f, %.3f) d=%.3f carries %.0f%% of the surface; kept %d of "
+                     "%d faces", *plane.normal, plane.offset, 100 * plane.area_share, len(kept), len(faces))
+            return kept, removed
+        if cfg.isolate_from_points:
+            points = self.photo_points()
+            plane = support_plane_from_points(points, views.c2w, self.model.config.radius, cfg.isolate_points_tolerance)
+            if plane is not None:
+                kept, removed = split_at_plane(vertices, faces, plane, cfg.isolate_points_margin)
+                log.info("isolate: the surface holds no support plane; the photos' points do: n=(%.3f, %.3f, %.3f) "
+                         "d=%.3f holds %.0f%% of %d points; cut %.3f from it, kept %d of %d faces", *plane.normal,
+                         plane.offset, 100 * plane.area_share, len(points), cfg.isolate_points_margin, len(kept),
+                         len(faces))
+                return kept, removed
+        log.info("isolate: no supporting plane under the object (in the surface: cameras on one side, reaching the "
+                 "region's edge%s); the mesh is kept whole",
+                 "; nor in the points triangulated from the photos" if cfg.isolate_from_points else "")
+        return faces, None
+
+    def photo_points(self) -> np.ndarray:
+        """Points triangulated from the training photos (utils/triangulate.py), in the normalised
+        frame, computed once per run -> [M, 3]"""
+        if self._photo_points is None:
+            views = self.dataset.views
+            train = self.dataset.split["train"] or list(range(len(views.c2w)))
+            self._photo_points = sparse_points(views.images[train], views.intrinsics[train], views.c2w[train])
+        return self._photo_points
 
     def surface(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         """utils.mesh.extract_surface's coarse-then-fine marching cubes, each SDF grid's x-planes

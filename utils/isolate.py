@@ -79,9 +79,15 @@ def ransac_plane(
         return None
     n, d = best
     inliers = np.abs(points @ n + d) < tolerance
-    w = weights[inliers]
-    centre = (points[inliers] * w[:, None]).sum(0) / w.sum()
-    cov = ((points[inliers] - centre) * w[:, None]).T @ (points[inliers] - centre)  # [3, 3]
+    return fit_plane(points[inliers], weights[inliers])
+
+
+def fit_plane(points: np.ndarray, weights: np.ndarray) -> Tuple[np.ndarray, float]:
+    """Weighted least-squares plane n . x + d = 0 through points [N, 3] with weights [N]: it
+    passes through their weighted centre, n is the covariance's smallest eigenvector (its sign
+    arbitrary) -> n [3], d"""
+    centre = (points * weights[:, None]).sum(0) / weights.sum()  # [3]
+    cov = ((points - centre) * weights[:, None]).T @ (points - centre)  # [3, 3]
     n = np.linalg.eigh(cov)[1][:, 0]  # smallest eigenvalue's vector: the normal
     return n, -float(n @ centre)
 
@@ -132,6 +138,79 @@ def find_support_plane(
     if share < min_area_share or plane_reach < reach or above < 0.01:
         return None
     return Plane(normal=n, offset=d, area_share=share, reach=plane_reach)
+
+
+def support_plane_from_points(
+    points: np.ndarray,
+    c2w: np.ndarray,
+    radius: float,
+    tolerance: float = 0.02,
+    max_below: float = 0.05,
+    min_share: float = 0.03,
+    max_tilt_deg: float = 30.0,
+    low_share: float = 0.25,
+    candidates: int = 4000,
+    max_points: int = 20000,
+    seed: int = 0,
+) -> Optional[Plane]:
+    """The plane the object stands on, from points of the scene seen in the photos
+    (utils/triangulate.py), for when the trained surface leaves the table to the background and
+    find_support_plane finds too little of it. The support is the lowest thing the photos see:
+    RANSAC draws its candidate planes through points of the lowest `low_share` along the
+    cameras' mean up axis, and keeps those whose normal is within max_tilt_deg of up, with every
+    camera centre above, the point where the optical axes meet 2 tolerance above, and at most
+    `max_below` of the points more than `tolerance` below. The one holding the most points within
+    `tolerance` is refined by least squares over its inliers (twice) and accepted when it still
+    qualifies and holds min_share of the points (a random max_points of them when there are
+    more). points [N, 3], c2w [C, 3, 4] (OpenCV axes), all in the normalised frame -> Plane
+    (area_share: its share of the points) or None."""
+    if len(points) < 3:
+        return None
+    up = -c2w[:, :, 1].mean(axis=0)
+    up = up / max(np.linalg.norm(up), 1e-12)
+    centres, meet = c2w[:, :, 3], axes_meeting_point(c2w)
+    rng = np.random.default_rng(seed)
+    if len(points) > max_points:  # enough for the plane, and [max_points, chunk] stays small
+        points = points[rng.choice(len(points), max_points, replace=False)]
+
+    def qualifying(n: np.ndarray, d: np.ndarray) -> np.ndarray:  # [K, 3], [K] -> [K] bool
+        return (np.all(centres @ n.T + d > 0, axis=0) & (meet @ n.T + d >= 2 * tolerance)
+                & (np.mean(points @ n.T + d < -tolerance, axis=0) <= max_below)
+                & (n @ up >= np.cos(np.radians(max_tilt_deg))))
+
+    height = points @ up  # [N]
+    low = points[height <= np.quantile(height, low_share)]  # [L, 3]
+    if len(low) < 3:
+        return None
+    a, b, c = (low[rng.integers(0, len(low), candidates)] for _ in range(3))  # [K, 3] each
+    n = np.cross(b - a, c - a)  # [K, 3]
+    norm = np.linalg.norm(n, axis=1)
+    keep = norm > 1e-9
+    n = n[keep] / norm[keep, None]
+    n = n * np.where(n @ up < 0, -1.0, 1.0)[:, None]  # towards the cameras
+    d = -np.sum(n * a[keep], axis=1)  # [K]
+    best, best_count = None, -1
+    for start in range(0, len(n), 256):
+        nc, dc = n[start:start + 256], d[start:start + 256]
+        counts = np.where(qualifying(nc, dc), np.sum(np.abs(points @ nc.T + dc) < tolerance, axis=0), -1)  # [k]
+        if counts.max() > best_count:
+            best, best_count = start + int(np.argmax(counts)), int(counts.max())
+    if best is None:  # no candidate qualifies
+        return None
+    n, d = n[best], float(d[best])
+    for _ in range(2):
+        inliers = np.abs(points @ n + d) < tolerance  # [N]
+        n, d = fit_plane(points[inliers], np.ones(int(inliers.sum())))
+        if n @ up < 0:
+            n, d = -n, -d
+    if not qualifying(n[None], np.array([d]))[0]:
+        return None
+    inliers = np.abs(points @ n + d) < tolerance
+    share = float(inliers.mean())
+    if share < min_share:
+        return None
+    return Plane(normal=n, offset=d, area_share=share,
+                 reach=float(np.linalg.norm(points[inliers], axis=1).max() / radius))
 
 
 def split_at_plane(
