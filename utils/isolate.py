@@ -18,12 +18,15 @@ captures stand the object on such a plane, and it is easy to recognise in the ex
 3. Faces with a vertex closer than `margin` above the plane, or below it, are removed; of what
    is left, the largest connected piece is the object. Everything removed is returned too, so
    that it can be written beside the mesh and checked.
+4. When the surface holds too little of the table (the background explained it),
+   support_plane_from_points finds it among points triangulated from the photos
+   (utils/triangulate.py): the lowest plane that holds many of them.
 
-Pure numpy over (vertices [V, 3], faces [F, 3]) in the normalised frame; nothing here knows
-about models or datasets.
+Pure numpy over (vertices [V, 3], faces [F, 3]) or points [N, 3] in the normalised frame;
+nothing here knows about models or datasets.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -41,6 +44,13 @@ class Plane:
     def signed_distance(self, points: np.ndarray) -> np.ndarray:
         """points [N, 3] -> [N], positive on the cameras' side"""
         return points @ self.normal + self.offset
+
+
+def cameras_up(c2w: np.ndarray) -> np.ndarray:
+    """The cameras' mean up axis (-y, OpenCV axes), unit: photos are taken upright.
+    c2w [C, 3, 4] -> [3]"""
+    up = -c2w[:, :, 1].mean(axis=0)
+    return up / max(np.linalg.norm(up), 1e-12)
 
 
 def face_centres_and_areas(vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -118,8 +128,7 @@ def find_support_plane(
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(centres), max_points, replace=False, p=areas / areas.sum())
         centres, areas = centres[pick], np.full(max_points, areas.sum() / max_points)
-    up = -c2w[:, :, 1].mean(axis=0)
-    up = up / max(np.linalg.norm(up), 1e-12)
+    up = cameras_up(c2w)
     found = ransac_plane(centres, areas, tolerance, up, max_tilt_deg, seed=seed)
     if found is None:
         return None
@@ -166,9 +175,7 @@ def support_plane_from_points(
     (area_share: its share of the points) or None."""
     if len(points) < 3:
         return None
-    up = -c2w[:, :, 1].mean(axis=0)
-    up = up / max(np.linalg.norm(up), 1e-12)
-    centres, meet = c2w[:, :, 3], axes_meeting_point(c2w)
+    up, centres, meet = cameras_up(c2w), c2w[:, :, 3], axes_meeting_point(c2w)
     rng = np.random.default_rng(seed)
     if len(points) > max_points:  # enough for the plane, and [max_points, chunk] stays small
         points = points[rng.choice(len(points), max_points, replace=False)]
@@ -179,31 +186,14 @@ def support_plane_from_points(
                 & (n @ up >= np.cos(np.radians(max_tilt_deg))))
 
     height = points @ up  # [N]
-    low = points[height <= np.quantile(height, low_share)]  # [L, 3]
-    if len(low) < 3:
-        return None
-    a, b, c = (low[rng.integers(0, len(low), candidates)] for _ in range(3))  # [K, 3] each
-    n = np.cross(b - a, c - a)  # [K, 3]
-    norm = np.linalg.norm(n, axis=1)
-    keep = norm > 1e-9
-    n = n[keep] / norm[keep, None]
-    n = n * np.where(n @ up < 0, -1.0, 1.0)[:, None]  # towards the cameras
-    d = -np.sum(n * a[keep], axis=1)  # [K]
-    best, best_count = None, -1
-    for start in range(0, len(n), 256):
-        nc, dc = n[start:start + 256], d[start:start + 256]
-        counts = np.where(qualifying(nc, dc), np.sum(np.abs(points @ nc.T + dc) < tolerance, axis=0), -1)  # [k]
-        if counts.max() > best_count:
-            best, best_count = start + int(np.argmax(counts)), int(counts.max())
+    n, d = planes_through_triples(points[height <= np.quantile(height, low_share)], up, candidates, rng)
+    best = most_inliers(points, n, d, tolerance, qualifying)
     if best is None:  # no candidate qualifies
         return None
     n, d = n[best], float(d[best])
     for _ in range(2):
-        inliers = np.abs(points @ n + d) < tolerance  # [N]
-        n, d = fit_plane(points[inliers], np.ones(int(inliers.sum())))
-        if n @ up < 0:
-            n, d = -n, -d
-    if not qualifying(n[None], np.array([d]))[0]:
+        n, d = fit_plane_to_inliers(points, n, d, tolerance, up)
+    if not qualifying(n[None], np.array([d]))[0]:  # the least-squares refinement moved it out
         return None
     inliers = np.abs(points @ n + d) < tolerance
     share = float(inliers.mean())
@@ -212,6 +202,47 @@ def support_plane_from_points(
     return Plane(normal=n, offset=d, area_share=share,
                  reach=float(np.linalg.norm(points[inliers], axis=1).max() / radius))
 
+
+def planes_through_triples(
+    points: np.ndarray, up: np.ndarray, count: int, rng: np.random.Generator
+) -> Tuple[np.ndarray, np.ndarray]:
+    """`count` planes n . x + d = 0 through random triples of points [L, 3] (degenerate triples
+    dropped), n turned towards `up` -> n [K, 3], d [K] (none when L < 3)"""
+    if len(points) < 3:
+        return np.zeros((0, 3)), np.zeros(0)
+    a, b, c = (points[rng.integers(0, len(points), count)] for _ in range(3))  # [K, 3] each
+    n = np.cross(b - a, c - a)  # [K, 3]
+    norm = np.linalg.norm(n, axis=1)
+    keep = norm > 1e-9
+    n = n[keep] / norm[keep, None]
+    n = n * np.where(n @ up < 0, -1.0, 1.0)[:, None]  # towards the cameras
+    return n, -np.sum(n * a[keep], axis=1)
+
+
+def most_inliers(
+    points: np.ndarray, n: np.ndarray, d: np.ndarray, tolerance: float,
+    qualifying: Callable[[np.ndarray, np.ndarray], np.ndarray], chunk: int = 256,
+) -> Optional[int]:
+    """Index of the plane (n [K, 3], d [K]) holding the most points [N, 3] within `tolerance`
+    among those `qualifying` accepts, scored `chunk` planes at a time ([N, chunk] distances);
+    None when none qualifies"""
+    best, best_count = None, -1
+    for start in range(0, len(n), chunk):
+        nc, dc = n[start:start + chunk], d[start:start + chunk]
+        counts = np.where(qualifying(nc, dc), np.sum(np.abs(points @ nc.T + dc) < tolerance, axis=0), -1)  # [k]
+        if len(counts) and counts.max() > best_count:
+            best, best_count = start + int(np.argmax(counts)), int(counts.max())
+    return best
+
+
+def fit_plane_to_inliers(
+    points: np.ndarray, n: np.ndarray, d: float, tolerance: float, up: np.ndarray
+) -> Tuple[np.ndarray, float]:
+    """The least-squares plane (fit_plane) of the points [N, 3] within `tolerance` of n . x + d
+    = 0, its normal turned towards `up` -> n [3], d"""
+    inliers = np.abs(points @ n + d) < tolerance  # [N]
+    n, d = fit_plane(points[inliers], np.ones(int(inliers.sum())))
+    return (-n, -d) if n @ up < 0 else (n, d)
 
 def split_at_plane(
     vertices: np.ndarray, faces: np.ndarray, plane: Plane, margin: float
