@@ -2,13 +2,12 @@
 import numpy as np
 from torch.testing import assert_close
 
-from utils.camera import look_at
+from utils.camera import look_at, project
 from utils.triangulate import (
     epipolar_distances,
     fundamental_matrix,
     neighbour_pairs,
     projection_matrices,
-    reprojection,
     sparse_points,
     triangulate,
 )
@@ -28,10 +27,10 @@ def test_projection_matrices_by_hand():
     """P = K [R^T | -R^T c]: the point (1, 0, 5) lies on the second camera's axis (pixel
     (64, 48), depth 5) and 1 right of the first's (pixel 64 + 100 / 5 = 84)."""
     p = projection_matrices(np.stack([K, K]), stereo_pair())
-    uv, depth = reprojection(p[0], np.array([[1.0, 0.0, 5.0]]))
+    uv, depth = project(np.array([[1.0, 0.0, 5.0]]), p[0])
     assert_close(uv, np.array([[84.0, 48.0]]))
     assert_close(depth, np.array([5.0]))
-    uv, depth = reprojection(p[1], np.array([[1.0, 0.0, 5.0]]))
+    uv, depth = project(np.array([[1.0, 0.0, 5.0]]), p[1])
     assert_close(uv, np.array([[64.0, 48.0]]))
 
 
@@ -40,8 +39,8 @@ def test_triangulate_recovers_points_and_epipolar_distance_by_hand():
     rows), so a match moved 3 px down lies 3 px from its line and one moved along the row 0."""
     p = projection_matrices(np.stack([K, K]), stereo_pair())
     points = np.array([[0.2, -0.3, 4.0], [1.5, 0.4, 6.0], [-0.7, 0.1, 3.0]])
-    x1, _ = reprojection(p[0], points)
-    x2, _ = reprojection(p[1], points)
+    x1, _ = project(points, p[0])
+    x2, _ = project(points, p[1])
     assert_close(triangulate(p[0], p[1], x1, x2), points)
     f = fundamental_matrix(p[0], p[1])
     assert_close(epipolar_distances(f, x1, x2), np.zeros(3), atol=1e-9, rtol=0)

@@ -11,6 +11,8 @@ from typing import List, Tuple
 import cv2
 import numpy as np
 
+from utils.camera import project
+
 
 def projection_matrices(intrinsics: np.ndarray, c2w: np.ndarray) -> np.ndarray:
     """P = K [R^T | -R^T c] of each camera. intrinsics [N, 3, 3], c2w [N, 3, 4] (OpenCV axes)
@@ -47,12 +49,6 @@ def triangulate(p1: np.ndarray, p2: np.ndarray, x1: np.ndarray, x2: np.ndarray) 
     homo = cv2.triangulatePoints(p1.astype(np.float64), p2.astype(np.float64),
                                  x1.T.astype(np.float64), x2.T.astype(np.float64))  # [4, M]
     return (homo[:3] / homo[3:]).T
-
-
-def reprojection(p: np.ndarray, points: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """points [M, 3] through p [3, 4] -> pixels [M, 2], depth [M]"""
-    homo = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ p.T  # [M, 3]
-    return homo[:, :2] / homo[:, 2:3], homo[:, 2]
 
 
 def neighbour_pairs(centres: np.ndarray, neighbours: int) -> List[Tuple[int, int]]:
@@ -107,8 +103,8 @@ def sparse_points(
             continue
         x1, x2 = x1[keep], x2[keep]
         points = triangulate(projections[i], projections[j], x1, x2)  # [M, 3]
-        u1, z1 = reprojection(projections[i], points)
-        u2, z2 = reprojection(projections[j], points)
+        u1, z1 = project(points, projections[i])
+        u2, z2 = project(points, projections[j])
         error = np.maximum(np.linalg.norm(u1 - x1, axis=1), np.linalg.norm(u2 - x2, axis=1))
         r1 = points - c2w[i, :, 3]
         r2 = points - c2w[j, :, 3]
