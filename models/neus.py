@@ -12,7 +12,7 @@ from models.background import BackgroundField, ray_sphere_intersect
 from models.network import ColorNetwork, SDFNetwork, VarianceNetwork, normalize
 from models.occupancy import OccupancyGrid, alpha_reach, screened_sdf
 from models.registry import MODELS
-from models.rendering import composite_background, density_alpha, neus_alpha, packed_ops
+from models.rendering import composite_background, density_alpha, neus_alpha, opacity_above_plane, packed_ops
 from utils.config import ConfigError, Configurable
 from utils.misc import map_in_chunks
 
@@ -108,12 +108,26 @@ class NeuSModel(Configurable, nn.Module):
         # state of the schedules, saved with the model so that renders after a reload match
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0))
         self.register_buffer("render_step", torch.tensor(float(config.render_step_size), dtype=torch.float64))
-        self._register_load_state_dict_pre_hook(self._checkpoint_without_render_step)
+        # (n, d) of a plane n . x + d = 0 in the normalised frame, n = 0 for none: with one, forward
+        # also gives the foreground's opacity gathered above it (set_prior_plane)
+        self.register_buffer("prior_plane", torch.zeros(4))
+        self._register_load_state_dict_pre_hook(self._checkpoint_without_new_buffers)
 
-    def _checkpoint_without_render_step(self, state_dict, prefix, *_) -> None:
-        """Checkpoints written before render_step_knots were trained at render_step_size throughout."""
+    def _checkpoint_without_new_buffers(self, state_dict, prefix, *_) -> None:
+        """Checkpoints written before render_step_knots were trained at render_step_size throughout;
+        those written before prior_plane had none."""
         state_dict.setdefault(prefix + "render_step", torch.tensor(float(self.config.render_step_size),
                                                                    dtype=torch.float64))
+        state_dict.setdefault(prefix + "prior_plane", torch.zeros(4))
+
+    def set_prior_plane(self, normal, offset: float) -> None:
+        """From now on forward also gives opacity_above_plane: the foreground's opacity gathered
+        where normal . x + offset > 0 (normal: [3] unit, normalised frame)."""
+        self.prior_plane.copy_(torch.tensor([*normal, offset], dtype=torch.float32))
+
+    @property
+    def has_prior_plane(self) -> bool:
+        return bool(self.prior_plane[:3].abs().sum() > 0)
 
     @property
     def step_size(self) -> float:
@@ -213,7 +227,8 @@ class NeuSModel(Configurable, nn.Module):
         background: [n_rays, 3] or [1, 3], the colour behind everything. Returns rgb [n_rays, 3],
         opacity [n_rays] (foreground), depth [n_rays], normal [n_rays, 3], sdf [n_samples],
         sdf_grad [n_samples, 3], n_samples (int), inv_s [], rgb_foreground [n_rays, 3] (over
-        black) and, with a background model, background (its colour and packed weights)."""
+        black), with a background model background (its colour and packed weights) and with a
+        prior plane (set_prior_plane) opacity_above_plane [n_rays]."""
         n_rays = rays_o.shape[0]
         inv_s = self.variance.inv_s()
 
@@ -252,6 +267,9 @@ class NeuSModel(Configurable, nn.Module):
                 "n_samples": int(ray_indices.numel()),
                 "inv_s": inv_s,
             }
+            if self.has_prior_plane:
+                out["opacity_above_plane"] = opacity_above_plane(weights, x, ray_indices, n_rays, self.prior_plane,
+                                                                 accumulate)
         if self.background is not None:
             with record_function("background"):
                 out["background"] = self.render_background(rays_o, rays_d, background)

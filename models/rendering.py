@@ -174,6 +174,18 @@ def composite_background(rgb: torch.Tensor, opacity: torch.Tensor, background: t
     return rgb + (1.0 - opacity) * background
 
 
+def opacity_above_plane(
+    weights: torch.Tensor, x: torch.Tensor, ray_indices: torch.Tensor, n_rays: int, plane: torch.Tensor,
+    accumulate: Callable[..., torch.Tensor] = accumulate_along_rays,
+) -> torch.Tensor:
+    """O_r = sum_i w_ri [n . x_ri + d > 0]: a ray's opacity gathered above the plane (n, d).
+
+    weights, ray_indices: [n_samples]; x: [n_samples, 3]; plane: [4] (n unit, d)
+    -> [n_rays]"""
+    above = (x @ plane[:3] + plane[3] > 0).to(weights.dtype)  # [n_samples]
+    return accumulate(weights, ray_indices, n_rays, above[:, None])[:, 0]  # [n_rays]
+
+
 class PackedOps(NamedTuple):
     """The packed rendering ops a model calls, from one backend, with the signatures above:
     weights_from_alpha(alphas, ray_indices, n_rays) -> weights, transmittance [n_samples];

@@ -27,7 +27,7 @@ from utils.mesh import (
     sdf_on_grid,
     to_world,
 )
-from utils.isolate import find_support_plane, split_at_plane, support_plane_from_points
+from utils.isolate import Plane, find_support_plane, split_at_plane, support_plane_from_points
 from utils.triangulate import sparse_points
 from utils.metrics import mesh_metrics
 
@@ -155,7 +155,10 @@ class MeshExport:
         """export.isolate: the faces of the object above its supporting plane and the faces cut
         off (None when no support plane is found: the surface is kept whole)."""
         cfg, views = self.config, self.dataset.views
-        plane = find_support_plane(vertices, faces, views.c2w, self.model.config.radius, cfg.isolate_tolerance)
+        # a model trained with the opacity prior spared below the photos' plane (its prior plane)
+        # may hold surface there: the cut must be that plane's, not one found in the surface
+        plane = None if self.model.has_prior_plane else find_support_plane(
+            vertices, faces, views.c2w, self.model.config.radius, cfg.isolate_tolerance)
         if plane is not None:
             kept, removed = split_at_plane(vertices, faces, plane, cfg.isolate_margin)
             log.info("isolate: support plane n=(%.3f, %.3f, %.3f) d=%.3f carries %.0f%% of the surface; kept %d of "
@@ -163,7 +166,7 @@ class MeshExport:
             return kept, removed
         if cfg.isolate_from_points:
             points = self.photo_points()
-            plane = support_plane_from_points(points, views.c2w, self.model.config.radius, cfg.isolate_points_tolerance)
+            plane = self.photo_plane()
             if plane is not None:
                 kept, removed = split_at_plane(vertices, faces, plane, cfg.isolate_points_margin)
                 log.info("isolate: the surface holds no support plane; the photos' points do: n=(%.3f, %.3f, %.3f) "
@@ -175,6 +178,11 @@ class MeshExport:
                  "region's edge%s); the mesh is kept whole",
                  "; nor in the points triangulated from the photos" if cfg.isolate_from_points else "")
         return faces, None
+
+    def photo_plane(self) -> Optional[Plane]:
+        """The plane the object stands on, among the photos' triangulated points (None if none qualifies)."""
+        return support_plane_from_points(self.photo_points(), self.dataset.views.c2w, self.model.config.radius,
+                                         self.config.isolate_points_tolerance)
 
     def photo_points(self) -> np.ndarray:
         """Points triangulated from the training photos (utils/triangulate.py), in the normalised

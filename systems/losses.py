@@ -76,6 +76,11 @@ class LossConfig:
     # the foreground's opacity, mean over rays (needs model.background): what the background can
     # explain as well (a backdrop) is left to it rather than painted on a surface inside the region
     lambda_opacity: float = 0.0
+    # ... counted above the plane the object stands on only (found in the photos' triangulated
+    # points before training; needs export.isolate and export.isolate_from_points): below the
+    # export's cut (export.isolate_points_margin) nothing reaches the mesh, and there the prior
+    # would only push the table's underside and what is seen past its edge to the background
+    opacity_spares_support: bool = False
 
 
 SAMPLE_MEAN_TERMS = ("eikonal", "sparsity")  # means over samples; every other term is a mean over rays
@@ -112,6 +117,7 @@ def neus_losses(config: LossConfig, out: Dict, batch: Dict) -> Dict[str, torch.T
             bg["weights"], bg["s_starts"], bg["s_ends"], bg["ray_indices"], out["rgb"].shape[0]
         )
     if config.lambda_opacity > 0 and "background" in out:
-        terms["opacity"] = config.lambda_opacity * foreground_opacity(out["opacity"])
+        # the model gives opacity_above_plane when the task set it a plane (opacity_spares_support)
+        terms["opacity"] = config.lambda_opacity * foreground_opacity(out.get("opacity_above_plane", out["opacity"]))
     terms["total"] = sum(terms.values())
     return terms

@@ -1,6 +1,7 @@
 """The NeuS task: what is NeuS in training — its dataset and model, the loss of a ray batch
 and what to log of it — plus its evaluation (systems/evaluation.py) and mesh export
 (systems/export.py). The step itself (autocast, backward, scaler, ranks) is the trainer's."""
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, ContextManager, Dict, List, Tuple
@@ -18,6 +19,8 @@ from systems.optim import OptimizerConfig, SchedulerConfig
 from systems.registry import SYSTEMS
 from utils.config import Configurable
 from utils.metrics import psnr
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +57,25 @@ class NeuSTask(Configurable):
         self.mesh = MeshExport(self.model, self.dataset, config.export, device)
 
     # --- training -----------------------------------------------------------------------------
+    def start_training(self) -> None:
+        """Before the first step of a fresh run (a resumed one holds it in the model's state):
+        the plane below which the opacity prior does not count (loss.opacity_spares_support)."""
+        loss, export = self.config.loss, self.full_config.export
+        if not (loss.opacity_spares_support and loss.lambda_opacity > 0 and self.model.background is not None):
+            return
+        if not (export.isolate and export.isolate_from_points):
+            log.warning("system.loss.opacity_spares_support is ignored without export.isolate and "
+                        "export.isolate_from_points (it spares only what their cut removes)")
+            return
+        plane = self.mesh.photo_plane()
+        if plane is None:
+            log.info("opacity prior: no support plane among the photos' points; it counts everywhere")
+            return
+        # above the export's cut: what lies below it never reaches the mesh
+        self.model.set_prior_plane(plane.normal, plane.offset - export.isolate_points_margin)
+        log.info("opacity prior: counted above n=(%.3f, %.3f, %.3f) d=%.3f, %.3f from the support plane found in "
+                 "the photos' points", *plane.normal, plane.offset, export.isolate_points_margin)
+
     def parameter_groups(self) -> Dict[str, list]:
         return self.model.parameter_groups()
 

@@ -291,6 +291,8 @@ class Trainer(TrainerCheckpoints):
         cfg = self.trainer_config
         log.info("training from step %d to %d on %s%s", self.global_step, cfg.max_steps, self.device,
                  f" x {dist.world_size()} ranks" if dist.world_size() > 1 else "")
+        if self.global_step == 0:
+            self.task.start_training()
         if dist.broadcast_object(not checkpoints_in(self.paths.ckpt_dir)):
             self.save()  # something to roll back to, even before the first checkpoint is due
         previous_handlers = self._catch_stop_signals()

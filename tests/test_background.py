@@ -266,3 +266,64 @@ def test_opacity_prior_by_hand():
     torch.testing.assert_close(opacity.grad, torch.tensor([0.25, 0.25]))
     del out["background"]  # masked training, no background: nothing else could explain those pixels
     assert "opacity" not in neus_losses(config, out, batch)
+
+
+def test_opacity_above_plane_by_hand():
+    """Two rays against the plane z = 0.5 (n = (0, 0, 1), d = -0.5): ray 0 has weights 0.2 at
+    z = 0.9 and 0.3 at z = 0.1 -> 0.2 above; ray 1 has 0.5 at z = 0.6 and 0.4 at z = 0.7 -> 0.9.
+    The gradient reaches the counted weights only."""
+    from models.rendering import opacity_above_plane
+
+    weights = torch.tensor([0.2, 0.3, 0.5, 0.4], requires_grad=True)
+    x = torch.tensor([[0.0, 0.0, 0.9], [0.0, 0.0, 0.1], [1.0, 0.0, 0.6], [0.0, 1.0, 0.7]])
+    ray_indices = torch.tensor([0, 0, 1, 1])
+    plane = torch.tensor([0.0, 0.0, 1.0, -0.5])
+    above = opacity_above_plane(weights, x, ray_indices, 2, plane)
+    torch.testing.assert_close(above, torch.tensor([0.2, 0.9]))
+    above.sum().backward()
+    torch.testing.assert_close(weights.grad, torch.tensor([1.0, 0.0, 1.0, 1.0]))
+
+
+def test_opacity_prior_counts_above_the_plane_when_the_model_gives_it():
+    """With opacity_above_plane in the forward's output (the model has a prior plane) the prior
+    is its mean: 0.1 and 0.3 -> 0.5 * 0.2 = 0.1, the full opacities 0.2 and 0.6 left alone."""
+    from systems.losses import LossConfig, neus_losses
+
+    opacity = torch.tensor([0.2, 0.6], requires_grad=True)
+    above = torch.tensor([0.1, 0.3], requires_grad=True)
+    out = {"rgb": torch.zeros(2, 3), "opacity": opacity, "opacity_above_plane": above, "background": {}}
+    config = LossConfig(lambda_rgb_l1=0.0, lambda_eikonal=0.0, lambda_mask=0.0, lambda_opacity=0.5)
+    terms = neus_losses(config, out, {"rgb": torch.zeros(2, 3)})
+    torch.testing.assert_close(terms["opacity"], torch.tensor(0.1))
+    terms["total"].backward()
+    assert opacity.grad is None
+    torch.testing.assert_close(above.grad, torch.tensor([0.25, 0.25]))
+
+
+def test_model_gives_opacity_above_its_prior_plane_and_saves_the_plane():
+    """A model without a prior plane gives no opacity_above_plane; with the plane z = -10 below
+    the whole region it gives the full opacity; with z = 10 above it, zero. The plane is part of
+    the model's state (a resumed run keeps it), and checkpoints written before it load as none."""
+    from models.neus import NeuSModel
+
+    config = load_config(NO_MASK_CONFIG, ["dataset.root_dir=unused", *SMALL_BACKGROUND, "model.radius=1.0",
+                                          "model.geometry.xyz_encoding.compile=false"]).model
+    model = NeuSModel(config)
+    model.update_occupancy(0)  # the grid's warm-up: every cell the sphere init reaches
+    model.eval()
+    rays_o = torch.tensor([[0.0, 0.0, -3.0], [0.0, 3.0, 0.0]])
+    rays_d = torch.tensor([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+    background = torch.ones(1, 3)
+    with torch.no_grad():
+        assert "opacity_above_plane" not in model(rays_o, rays_d, background)
+        model.set_prior_plane([0.0, 0.0, 1.0], 10.0)
+        out = model(rays_o, rays_d, background)
+        torch.testing.assert_close(out["opacity_above_plane"], out["opacity"])
+        assert out["opacity"].min() > 0.1  # the sphere init: both rays meet the surface
+        model.set_prior_plane([0.0, 0.0, 1.0], -10.0)
+        torch.testing.assert_close(model(rays_o, rays_d, background)["opacity_above_plane"], torch.zeros(2))
+    state = model.state_dict()
+    torch.testing.assert_close(state["prior_plane"], torch.tensor([0.0, 0.0, 1.0, -10.0]))
+    del state["prior_plane"]
+    model.load_state_dict(state)
+    assert not model.has_prior_plane

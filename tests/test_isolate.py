@@ -141,7 +141,7 @@ def test_export_falls_back_to_the_photos_points(monkeypatch):
     c2w = ring(0.8)
     views = SimpleNamespace(c2w=c2w, images=np.zeros((12, 4, 4, 3), np.uint8), intrinsics=np.zeros((12, 3, 3)))
     dataset = SimpleNamespace(views=views, split={"train": list(range(1, 12)), "test": [0]})
-    model = SimpleNamespace(config=SimpleNamespace(radius=1.0))
+    model = SimpleNamespace(config=SimpleNamespace(radius=1.0), has_prior_plane=False)
     vertices, faces = surface(with_table=False)
     exporter = export.MeshExport(model, dataset, export.ExportConfig(isolate=True), None)
     for _ in range(2):
@@ -153,3 +153,43 @@ def test_export_falls_back_to_the_photos_points(monkeypatch):
     off = export.MeshExport(model, dataset, export.ExportConfig(isolate=True, isolate_from_points=False), None)
     kept, removed = off.isolate(vertices, faces)
     assert removed is None and len(kept) == len(faces)
+    # with the table in the surface the cut is 0.02 above the surface's plane, unless the model was
+    # trained with a prior plane (the opacity prior spared what lies below the photos' plane)
+    vertices, faces = surface(with_table=True)
+    kept, _ = exporter.isolate(vertices, faces)
+    assert vertices[np.unique(kept)][:, 2].min() > TABLE_Z + 0.02 - 1e-6
+    model.has_prior_plane = True
+    kept, _ = exporter.isolate(vertices, faces)
+    assert TABLE_Z - 0.03 < vertices[np.unique(kept)][:, 2].min() < TABLE_Z + 0.02 - 1e-6
+
+
+def test_opacity_prior_spares_what_the_cut_removes(monkeypatch):
+    """systems/neus.py start_training with loss.opacity_spares_support: the model's prior plane
+    is the photos' support plane (scene_points' table at z = TABLE_Z) moved to the export's cut,
+    isolate_points_margin (-0.03) from it: n = (0, 0, 1), d = -TABLE_Z + 0.03. Without the
+    export's cut, or without the prior, no plane is set."""
+    from types import SimpleNamespace
+
+    import systems.export as export
+    from systems.neus import NeuSTask
+
+    monkeypatch.setattr(export, "sparse_points", lambda images, intrinsics, c2w: scene_points(np.random.default_rng(0)))
+    views = SimpleNamespace(c2w=ring(0.8), images=np.zeros((12, 4, 4, 3), np.uint8), intrinsics=np.zeros((12, 3, 3)))
+    dataset = SimpleNamespace(views=views, split={"train": list(range(12)), "test": []})
+
+    def start(lambda_opacity=0.01, spares=True, **export_keys):
+        planes = []
+        model = SimpleNamespace(config=SimpleNamespace(radius=1.0), background=object(), has_prior_plane=False,
+                                set_prior_plane=lambda n, d: planes.append((np.asarray(n), d)))
+        task = NeuSTask.__new__(NeuSTask)
+        task.model, task.full_config = model, SimpleNamespace(export=export.ExportConfig(isolate=True, **export_keys))
+        task.config = SimpleNamespace(loss=SimpleNamespace(lambda_opacity=lambda_opacity, opacity_spares_support=spares))
+        task.mesh = export.MeshExport(model, dataset, task.full_config.export, None)
+        task.start_training()
+        return planes
+
+    (normal, offset), = start()
+    np.testing.assert_allclose(normal, [0.0, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(offset, -TABLE_Z + 0.03, atol=1e-6)
+    assert start(isolate_from_points=False) == []
+    assert start(lambda_opacity=0.0) == [] and start(spares=False) == []
