@@ -222,6 +222,21 @@ class NeuSModel(Configurable, nn.Module):
         packed = x if dirs is None else torch.cat([x, dirs.reshape(len(x), -1).to(x)], dim=1)  # [N, 3 (+ 3K)]
         return chunked(colour, packed, chunk)
 
+    def march(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
+              inv_s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The foreground's packed samples: occupied cells, not hidden behind opaque surface (a
+        gradient-free head-on alpha at inv_s), inside the sphere when a background lies beyond.
+        rays_o, rays_d: [n_rays, 3] -> ray_indices, t_starts, t_ends [n_samples]"""
+
+        def visibility_alpha(t_starts, t_ends, ray_indices):
+            x = rays_o[ray_indices] + 0.5 * (t_starts + t_ends)[:, None] * rays_d[ray_indices]  # [m, 3]
+            sdf = self.geometry.sdf(x)  # [m]
+            return neus_alpha(sdf, torch.full_like(sdf, -1.0), t_ends - t_starts, inv_s)
+
+        t_max = None if self.background is None else ray_sphere_intersect(rays_o, rays_d, self.config.radius)[1]
+        return self.occupancy.sample(rays_o, rays_d, self.step_size, stratified=self.training,
+                                     alpha_fn=visibility_alpha, t_max=t_max)
+
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, background: torch.Tensor) -> Dict[str, Any]:
         """Render rays. rays_o, rays_d: [n_rays, 3] (unit directions, normalised frame);
         background: [n_rays, 3] or [1, 3], the colour behind everything. Returns rgb [n_rays, 3],
@@ -231,18 +246,8 @@ class NeuSModel(Configurable, nn.Module):
         prior plane (set_prior_plane) opacity_above_plane [n_rays]."""
         n_rays = rays_o.shape[0]
         inv_s = self.variance.inv_s()
-
-        def visibility_alpha(t_starts, t_ends, ray_indices):  # gradient-free, head-on alpha
-            x = rays_o[ray_indices] + 0.5 * (t_starts + t_ends)[:, None] * rays_d[ray_indices]
-            sdf = self.geometry.sdf(x)
-            return neus_alpha(sdf, torch.full_like(sdf, -1.0), t_ends - t_starts, inv_s.detach())
-
-        t_max = None if self.background is None else ray_sphere_intersect(rays_o, rays_d, self.config.radius)[1]
         with record_function("march"):  # named scopes: scripts/benchmark.py --profile reports them
-            ray_indices, t_starts, t_ends = self.occupancy.sample(
-                rays_o, rays_d, self.step_size, stratified=self.training, alpha_fn=visibility_alpha,
-                t_max=t_max,
-            )
+            ray_indices, t_starts, t_ends = self.march(rays_o, rays_d, inv_s.detach())
         t_mid = 0.5 * (t_starts + t_ends)  # [n_samples]
         dirs = rays_d[ray_indices]  # [n_samples, 3]
         x = rays_o[ray_indices] + t_mid[:, None] * dirs  # [n_samples, 3]
